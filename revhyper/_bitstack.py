@@ -1,0 +1,183 @@
+"""The information buffer: a vectorised rANS bit stack, one lane per weight.
+
+Multiplying an integer velocity by the momentum ``gamma = n / d`` (``d = 2**16``) loses
+``log2(d / n)`` bits per weight. ``multiply`` keeps them: it pushes the remainder ``v mod d``
+(a symbol in base ``d``) onto the lane and pops a symbol ``x`` in base ``n``, and returns
+``(v div d) * n + x``, a bijection onto the integers. ``divide`` is its exact inverse. The pair
+is the only lossy step of momentum SGD, made lossless (Maclaurin et al. 2015, section 2.3),
+with an entropy coder instead of the paper's arbitrary-precision integer, so the buffer grows
+by the information-theoretic minimum ``log2(d / n)`` bits per weight per step.
+
+Layout (static shapes, so the whole buffer lives inside ``lax.scan``):
+
+* ``head``: uint64 per lane. Between operations ``head`` is in ``[B, H) = [2**16, 2**48)``.
+* ``tail``: one flat uint32 array of 32-bit chunks shared by all lanes, and ``ptr``, the number
+  of chunks in use. Lanes that spill write at ``ptr + cumsum(mask) - 1`` in lane order, a masked
+  scatter; the reverse gathers the mirror image.
+
+Because ``n <= d``, ``multiply`` only ever grows a head, so the forward pass only spills and the
+reverse only refills: one renormalisation per step, and no condition on the arbitrary base
+``n``. A lane spills (its low 32 bits go to the tail) when ``head >= 2**32 * n``, which keeps the
+new head below ``H``; a spilled head is below ``2**16 = B``, every other head is at least ``B``,
+so in reverse a lane refills exactly when its head falls below ``B`` after the undo.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DENOMINATOR_BITS = 16
+DENOMINATOR = 2**DENOMINATOR_BITS  # d: momenta are n / 2**16 with 1 <= n <= 2**16.
+CHUNK_BITS = 32
+HEAD_LOW_BITS = 16  # B = 2**16
+HEAD_HIGH_BITS = 48  # H = 2**48; head * d stays below 2**64.
+_CHUNK_MASK = 2**CHUNK_BITS - 1
+
+
+class BitStack(NamedTuple):
+  """State of the information buffer. Fields must be used with x64 enabled."""
+
+  head: jax.Array  # uint64 [num_lanes], in [2**16, 2**48) between operations.
+  tail: jax.Array  # uint32 [capacity_chunks], chunks [0, ptr) in use.
+  ptr: jax.Array  # int64 [], number of chunks in use.
+  overflow: jax.Array  # bool [], sticky: a spill found the tail full (its chunk was dropped).
+
+
+def empty(num_lanes, capacity_chunks):
+  """An empty bit stack: every head at ``B``, nothing in the tail."""
+  return BitStack(
+      head=jnp.full((num_lanes,), 2**HEAD_LOW_BITS, jnp.uint64),
+      tail=jnp.zeros((capacity_chunks,), jnp.uint32),
+      ptr=jnp.zeros((), jnp.int64),
+      overflow=jnp.zeros((), jnp.bool_),
+  )
+
+
+def _spill(stack, mask):
+  """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation)."""
+  capacity = stack.tail.shape[0]
+  offsets = jnp.cumsum(mask.astype(jnp.int64)) - 1
+  count = offsets[-1] + 1 if mask.shape[0] else jnp.zeros((), jnp.int64)
+  # Lanes that do not spill write out of bounds, which mode="drop" discards; so does a spill
+  # past the capacity, which is recorded as overflow rather than corrupting the tail.
+  index = jnp.where(mask, stack.ptr + offsets, capacity)
+  chunks = (stack.head & _CHUNK_MASK).astype(jnp.uint32)
+
+  def write(tail):
+    return tail.at[index].set(chunks, mode="drop", unique_indices=True)
+
+  # Spills cluster in a few steps (all heads grow at the same rate), so most steps skip the
+  # scatter entirely.
+  tail = jax.lax.cond(count > 0, write, lambda tail: tail, stack.tail)
+  return BitStack(
+      head=jnp.where(mask, stack.head >> CHUNK_BITS, stack.head),
+      tail=tail,
+      ptr=stack.ptr + count,
+      overflow=stack.overflow | (stack.ptr + count > capacity),
+  )
+
+
+def _refill(stack, mask):
+  """Exact inverse of ``_spill``: the masked lanes take back their chunks from the tail."""
+  offsets = jnp.cumsum(mask.astype(jnp.int64)) - 1
+  count = offsets[-1] + 1 if mask.shape[0] else jnp.zeros((), jnp.int64)
+  ptr = stack.ptr - count
+
+  def read(head):
+    index = jnp.where(mask, ptr + offsets, 0)
+    chunks = stack.tail.at[index].get(mode="clip").astype(jnp.uint64)
+    return jnp.where(mask, (head << CHUNK_BITS) | chunks, head)
+
+  head = jax.lax.cond(count > 0, read, lambda head: head, stack.head)
+  return stack._replace(head=head, ptr=ptr)
+
+
+def multiply(stack, v, numerator):
+  """Exact, invertible ``v -> v * n / d``: push ``v mod d`` (base d), pop base ``n``.
+
+  Args:
+    stack: the ``BitStack``.
+    v: int64 [num_lanes], the values to scale (any sign; floor division and modulo).
+    numerator: uint64 [num_lanes], ``n`` in ``[1, d]`` per lane.
+
+  Returns:
+    ``(stack, v')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
+  """
+  # Before: head in [B, H). Spill where head >= 2**32 * n, so that afterwards head < 2**32 * n,
+  # and head >= n everywhere (a spilled head was >= 2**32 * n; others are >= B >= n).
+  stack = _spill(stack, stack.head >= (numerator << CHUNK_BITS))
+  remainder = (v & (DENOMINATOR - 1)).astype(jnp.uint64)  # floor modulo by d = 2**16
+  quotient = v >> DENOMINATOR_BITS  # floor division by d (arithmetic shift)
+  # s < 2**32 * n * d <= 2**64: no uint64 overflow.
+  s = stack.head * DENOMINATOR + remainder
+  popped = s % numerator
+  # head' = floor(s / n) >= head * d / n >= d = B, and < 2**32 * d = H.
+  head = s // numerator
+  v = quotient * numerator.astype(jnp.int64) + popped.astype(jnp.int64)
+  return stack._replace(head=head), v
+
+
+def divide(stack, v, numerator):
+  """Exact inverse of ``multiply``: pop the remainder back, push the popped base-``n`` symbol."""
+  n = numerator.astype(jnp.int64)
+  popped = jnp.remainder(v, n)  # floor modulo: in [0, n)
+  quotient = jnp.floor_divide(v, n)
+  # head in [B, H) and n <= 2**16: s < 2**64.
+  s = stack.head * numerator + popped.astype(jnp.uint64)
+  remainder = (s & (DENOMINATOR - 1)).astype(jnp.int64)
+  head = s >> DENOMINATOR_BITS
+  v = quotient * DENOMINATOR + remainder
+  # A lane spilled in the forward step exactly when its head is now below B.
+  stack = _refill(stack._replace(head=head), head < 2**HEAD_LOW_BITS)
+  return stack, v
+
+
+def stored_bits(stack):
+  """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane."""
+  head_bits = jnp.sum(jnp.log2(stack.head.astype(jnp.float64)) - HEAD_LOW_BITS)
+  return stack.ptr.astype(jnp.float64) * CHUNK_BITS + head_bits
+
+
+def is_empty(stack):
+  """True when every head is back at ``B`` and the tail holds nothing."""
+  return (stack.ptr == 0) & jnp.all(stack.head == 2**HEAD_LOW_BITS)
+
+
+def information_bits(numerators):
+  """``log2(d / n)``: the bits one multiply by ``n / d`` must store, per lane (numpy)."""
+  return DENOMINATOR_BITS - np.log2(np.asarray(numerators, np.float64))
+
+
+def max_chunks_per_lane(numerators):
+  """A deterministic upper bound on the chunks one lane spills over a momentum schedule.
+
+  Each multiply grows ``log2(head) + 32 * spills`` by less than
+  ``log2(d / n) + log2(1 + 1 / head_before)``. ``head_before >= B = 2**16`` except just after a
+  spill, where ``head_before >= n`` and the excess is at most ``log2(1 + 1 / n_min)``, and the
+  final head is at least ``B``. With ``S = sum_t log2(d / n_t)`` and K spills:
+  ``32 K <= S + T * log2(1 + 2**-16) + K * log2(1 + 1 / n_min)``.
+
+  Args:
+    numerators: ints, the numerators ``n_t`` of the schedule, one lane's, in ``[1, d]``.
+
+  Returns:
+    int, K_max.
+  """
+  numerators = np.asarray(numerators, np.float64).reshape(-1)
+  if numerators.size == 0:
+    return 0
+  total = information_bits(numerators).sum() + numerators.size * np.log2(1 + 2.0**-16)
+  per_spill = CHUNK_BITS - np.log2(1 + 1 / numerators.min())
+  # A tiny slack guards the float evaluation of the bound itself.
+  return int(np.floor(total / per_spill + 1e-9))
+
+
+def bucket(chunks):
+  """Rounds a capacity up to 2**k or 3 * 2**(k - 1), so small schedule changes reuse a program."""
+  if chunks <= 2:
+    return int(chunks)
+  power = 1 << (int(chunks) - 1).bit_length()
+  three_quarters = 3 * power // 4
+  return three_quarters if chunks <= three_quarters else power
