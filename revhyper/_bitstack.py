@@ -43,6 +43,9 @@ class BitStack(NamedTuple):
   tail: jax.Array  # uint32 [capacity_chunks], chunks [0, ptr) in use.
   ptr: jax.Array  # int64 [], number of chunks in use.
   overflow: jax.Array  # bool [], sticky: a spill found the tail full (its chunk was dropped).
+  # float64 []: a bound on the heads that lets most steps skip renormalisation: an upper bound
+  # on every head while pushing (forward), a lower bound while popping (see ``for_popping``).
+  bound: jax.Array
 
 
 def empty(num_lanes, capacity_chunks):
@@ -52,85 +55,108 @@ def empty(num_lanes, capacity_chunks):
       tail=jnp.zeros((capacity_chunks,), jnp.uint32),
       ptr=jnp.zeros((), jnp.int64),
       overflow=jnp.zeros((), jnp.bool_),
+      bound=jnp.asarray(2.0**HEAD_LOW_BITS, jnp.float64),
   )
+
+
+def for_popping(stack):
+  """Turns ``bound`` into a lower bound on the heads, for a run of ``divide``s."""
+  return stack._replace(bound=jnp.min(stack.head, initial=2**HEAD_HIGH_BITS).astype(jnp.float64))
+
+
+# Relative slack on the float64 bounds, far above their rounding error (2**-52 per step), so
+# that they stay bounds.
+_SLACK = 2.0**-30
 
 
 def _spill(stack, mask):
   """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation)."""
   capacity = stack.tail.shape[0]
-  offsets = jnp.cumsum(mask.astype(jnp.int64)) - 1
-  count = offsets[-1] + 1 if mask.shape[0] else jnp.zeros((), jnp.int64)
+  offsets = jnp.cumsum(mask, dtype=jnp.int64) - 1
+  count = offsets[-1] + 1
   # Lanes that do not spill write out of bounds, which mode="drop" discards; so does a spill
   # past the capacity, which is recorded as overflow rather than corrupting the tail.
   index = jnp.where(mask, stack.ptr + offsets, capacity)
   chunks = (stack.head & _CHUNK_MASK).astype(jnp.uint32)
-
-  def write(tail):
-    return tail.at[index].set(chunks, mode="drop", unique_indices=True)
-
-  # Spills cluster in a few steps (all heads grow at the same rate), so most steps skip the
-  # scatter entirely.
-  tail = jax.lax.cond(count > 0, write, lambda tail: tail, stack.tail)
+  head = jnp.where(mask, stack.head >> CHUNK_BITS, stack.head)
   return BitStack(
-      head=jnp.where(mask, stack.head >> CHUNK_BITS, stack.head),
-      tail=tail,
+      head=head,
+      tail=stack.tail.at[index].set(chunks, mode="drop", unique_indices=True),
       ptr=stack.ptr + count,
       overflow=stack.overflow | (stack.ptr + count > capacity),
+      bound=jnp.max(head).astype(jnp.float64),
   )
 
 
 def _refill(stack, mask):
   """Exact inverse of ``_spill``: the masked lanes take back their chunks from the tail."""
-  offsets = jnp.cumsum(mask.astype(jnp.int64)) - 1
-  count = offsets[-1] + 1 if mask.shape[0] else jnp.zeros((), jnp.int64)
-  ptr = stack.ptr - count
-
-  def read(head):
-    index = jnp.where(mask, ptr + offsets, 0)
-    chunks = stack.tail.at[index].get(mode="clip").astype(jnp.uint64)
-    return jnp.where(mask, (head << CHUNK_BITS) | chunks, head)
-
-  head = jax.lax.cond(count > 0, read, lambda head: head, stack.head)
-  return stack._replace(head=head, ptr=ptr)
+  offsets = jnp.cumsum(mask, dtype=jnp.int64) - 1
+  ptr = stack.ptr - (offsets[-1] + 1)
+  index = jnp.where(mask, ptr + offsets, 0)
+  chunks = stack.tail.at[index].get(mode="clip").astype(jnp.uint64)
+  head = jnp.where(mask, (stack.head << CHUNK_BITS) | chunks, stack.head)
+  return stack._replace(head=head, ptr=ptr, bound=jnp.min(head).astype(jnp.float64))
 
 
-def multiply(stack, v, numerator):
+def floor_divmod(x, n):
+  """``(floor(x / n), x mod n)`` for int64 ``x`` and positive int64 ``n``: floor semantics."""
+  q = jax.lax.div(x, n)  # rounds towards zero
+  r = x - q * n
+  low = r < 0  # x < 0 and inexact: step down to the floor
+  return q - low.astype(jnp.int64), jnp.where(low, r + n, r)
+
+
+def multiply(stack, v, numerator, min_numerator):
   """Exact, invertible ``v -> v * n / d``: push ``v mod d`` (base d), pop base ``n``.
 
   Args:
-    stack: the ``BitStack``.
+    stack: the ``BitStack`` (its ``bound`` an upper bound on the heads).
     v: int64 [num_lanes], the values to scale (any sign; floor division and modulo).
     numerator: uint64 [num_lanes], ``n`` in ``[1, d]`` per lane.
+    min_numerator: float64 [], the smallest entry of ``numerator``.
 
   Returns:
     ``(stack, v')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
   """
   # Before: head in [B, H). Spill where head >= 2**32 * n, so that afterwards head < 2**32 * n,
-  # and head >= n everywhere (a spilled head was >= 2**32 * n; others are >= B >= n).
-  stack = _spill(stack, stack.head >= (numerator << CHUNK_BITS))
+  # and head >= n everywhere (a spilled head was >= 2**32 * n; others are >= B >= n). While
+  # the bound shows that no head is near a threshold, the mask, its reduction and the scatter
+  # are skipped: spills cluster in a few steps, since all heads grow at the same rate.
+  may_spill = stack.bound >= min_numerator * 2.0**CHUNK_BITS
+  stack = jax.lax.cond(
+      may_spill, lambda st: _spill(st, st.head >= (numerator << CHUNK_BITS)), lambda st: st,
+      stack)
   remainder = (v & (DENOMINATOR - 1)).astype(jnp.uint64)  # floor modulo by d = 2**16
   quotient = v >> DENOMINATOR_BITS  # floor division by d (arithmetic shift)
   # s < 2**32 * n * d <= 2**64: no uint64 overflow.
   s = stack.head * DENOMINATOR + remainder
-  popped = s % numerator
+  head = s // numerator  # unsigned: floor
+  popped = (s - head * numerator).astype(jnp.int64)
   # head' = floor(s / n) >= head * d / n >= d = B, and < 2**32 * d = H.
-  head = s // numerator
-  v = quotient * numerator.astype(jnp.int64) + popped.astype(jnp.int64)
-  return stack._replace(head=head), v
+  v = quotient * numerator.astype(jnp.int64) + popped
+  # head' <= (head + 1) * d / n.
+  bound = (stack.bound + 1) * (DENOMINATOR / min_numerator) * (1 + _SLACK)
+  return stack._replace(head=head, bound=bound), v
 
 
-def divide(stack, v, numerator):
-  """Exact inverse of ``multiply``: pop the remainder back, push the popped base-``n`` symbol."""
-  n = numerator.astype(jnp.int64)
-  popped = jnp.remainder(v, n)  # floor modulo: in [0, n)
-  quotient = jnp.floor_divide(v, n)
+def divide(stack, v, numerator, min_numerator):
+  """Exact inverse of ``multiply``: pop the remainder back, push the popped base-``n`` symbol.
+
+  ``stack.bound`` must be a lower bound on the heads (``for_popping``).
+  """
+  quotient, popped = floor_divmod(v, numerator.astype(jnp.int64))  # popped in [0, n)
   # head in [B, H) and n <= 2**16: s < 2**64.
   s = stack.head * numerator + popped.astype(jnp.uint64)
   remainder = (s & (DENOMINATOR - 1)).astype(jnp.int64)
   head = s >> DENOMINATOR_BITS
   v = quotient * DENOMINATOR + remainder
+  # head = floor(s / d) >= head' * n / d - 1.
+  bound = (stack.bound * (min_numerator / DENOMINATOR) - 1) * (1 - _SLACK)
+  stack = stack._replace(head=head, bound=bound)
   # A lane spilled in the forward step exactly when its head is now below B.
-  stack = _refill(stack._replace(head=head), head < 2**HEAD_LOW_BITS)
+  may_refill = bound < 2.0**HEAD_LOW_BITS
+  stack = jax.lax.cond(
+      may_refill, lambda st: _refill(st, st.head < 2**HEAD_LOW_BITS), lambda st: st, stack)
   return stack, v
 
 

@@ -7,6 +7,7 @@ that gradients flow back to whatever the user passed, summed where it was broadc
 """
 
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.extend as jex
@@ -28,22 +29,32 @@ def concrete_value(x):
     return None
 
 
+class Schedule(NamedTuple):
+  """One ``[num_steps]`` array per parameter leaf, with its value where known at trace time."""
+
+  arrays: list  # [num_steps] arrays in each leaf's float dtype (differentiable)
+  values: list  # numpy [num_steps] float64 arrays, or None where the value is traced
+
+
 def _leaf_schedule(value, num_steps, dtype, name, where):
+  known = concrete_value(value)
   value = jnp.asarray(value)
-  if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(
-      value.dtype, jnp.integer):
-    raise TypeError(f"{name}{where} must be a real number or array, got dtype {value.dtype}.")
-  if value.ndim == 0:
-    pass
-  elif value.shape != (num_steps,):
+  if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+    raise ValueError(f"{name}{where} must be a real number or array, got dtype {value.dtype}.")
+  if value.ndim != 0 and value.shape != (num_steps,):
     raise ValueError(
         f"{name}{where} must be a scalar or have shape (num_steps,) = ({num_steps},), "
         f"got shape {value.shape}.")
-  return jnp.broadcast_to(value.astype(dtype), (num_steps,))
+  if known is not None:
+    known = np.broadcast_to(np.asarray(known, np.float64), (num_steps,))
+  return jnp.broadcast_to(value.astype(dtype), (num_steps,)), known
 
 
 def broadcast(value, params, num_steps, name):
   """One ``[num_steps]`` schedule per leaf of ``params``, in that leaf's float dtype.
+
+  Returns:
+    a ``Schedule``.
 
   Raises:
     ValueError: wrong length, or a pytree that does not match ``params``.
@@ -51,36 +62,41 @@ def broadcast(value, params, num_steps, name):
   leaves, treedef = jax.tree_util.tree_flatten(params)
   dtypes = [jnp.result_type(leaf) for leaf in leaves]
   if _is_array_like(value):
-    return [_leaf_schedule(value, num_steps, dtype, name, "") for dtype in dtypes]
-  value_leaves, value_treedef = jax.tree_util.tree_flatten(value)
-  if value_treedef != treedef:
-    raise ValueError(
-        f"{name} must be a scalar, a [num_steps] array, or a pytree with the structure of "
-        f"params; got structure {value_treedef}, params has {treedef}.")
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  return [
-      _leaf_schedule(v, num_steps, dtype, name, path)
-      for v, dtype, path in zip(value_leaves, dtypes, paths)
-  ]
+    pairs = [_leaf_schedule(value, num_steps, dtype, name, "") for dtype in dtypes]
+  else:
+    value_leaves, value_treedef = jax.tree_util.tree_flatten(value)
+    if value_treedef != treedef:
+      raise ValueError(
+          f"{name} must be a scalar, a [num_steps] array, or a pytree with the structure of "
+          f"params; got structure {value_treedef}, params has {treedef}.")
+    paths = [jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    pairs = [
+        _leaf_schedule(v, num_steps, dtype, name, path)
+        for v, dtype, path in zip(value_leaves, dtypes, paths)
+    ]
+  return Schedule([a for a, _ in pairs], [k for _, k in pairs])
 
 
 def check_concrete(learning_rate, momentum):
-  """Validates schedules whose values are known at trace time; traced ones are checked at run time.
+  """Validates the schedule values known at trace time; traced ones are checked at run time.
+
+  Args:
+    learning_rate, momentum: ``Schedule``s.
 
   Returns:
     bool: whether some momentum rounds below ``1 / d`` and will be clipped to it.
   """
-  for alpha in learning_rate:
-    value = concrete_value(alpha)
+  for value in learning_rate.values:
     if value is not None and not np.all(np.isfinite(value)):
-      raise ValueError(f"learning_rate must be finite, got {value}.")
+      raise ValueError(f"learning_rate must be finite, got {value[~np.isfinite(value)][:5]}.")
   clipped = False
-  for gamma in momentum:
-    value = concrete_value(gamma)
+  for value in momentum.values:
     if value is None:
       continue
-    if not np.all((value >= 0) & (value <= 1)):
-      raise ValueError(f"momentum must lie in [0, 1], got values {value[(value < 0) | (value > 1) | np.isnan(value)][:5]}.")
+    bad = ~((value >= 0) & (value <= 1))
+    if np.any(bad):
+      raise ValueError(f"momentum must lie in [0, 1], got {value[bad][:5]}.")
     clipped |= bool(np.any(np.round(value * _bitstack.DENOMINATOR) < 1))
   if clipped:
     warnings.warn(

@@ -129,6 +129,7 @@ class _Problem(NamedTuple):
   hparams: Any
   steps: _reversible.Steps
   invalid: jax.Array
+  momentum_values: list  # numpy [T] per leaf where known at trace time, else None
 
 
 def _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity):
@@ -169,17 +170,17 @@ def _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, veloc
   alphas = _schedules.broadcast(learning_rate, params, num_steps, "learning_rate")
   gammas = _schedules.broadcast(momentum, params, num_steps, "momentum")
   _schedules.check_concrete(alphas, gammas)
-  invalid = _schedules.runtime_invalid(alphas, gammas)
-  gammas = [_schedules.quantize_momentum(g) for g in gammas]
-  steps = _reversible.Steps(jnp.arange(num_steps, dtype=jnp.int32), alphas, gammas)
-  return _Problem(loss_on_leaves, treedef, leaves, v_leaves, hparams, steps, invalid)
+  invalid = _schedules.runtime_invalid(alphas.arrays, gammas.arrays)
+  quantized = [_schedules.quantize_momentum(g) for g in gammas.arrays]
+  steps = _reversible.Steps(jnp.arange(num_steps, dtype=jnp.int32), alphas.arrays, quantized)
+  return _Problem(loss_on_leaves, treedef, leaves, v_leaves, hparams, steps, invalid,
+                  gammas.values)
 
 
 def _capacity_chunks(method, problem, layout):
   """Static size of the bit stack's tail, from concrete momenta or ``min_momentum``."""
   chunks = 0
-  for size, gamma in zip(layout.sizes, problem.steps.gamma):
-    value = _schedules.concrete_value(gamma)
+  for size, value in zip(layout.sizes, problem.momentum_values):
     if value is None:
       if method.min_momentum is None:
         raise ValueError(
@@ -225,7 +226,8 @@ def _float_scan(method, problem):
     w, v = carry
     t, alpha, gamma = s
     g = loss_grad(w, problem.hparams, t)
-    return _reversible.float_update(w, v, g, alpha, gamma), None
+    v = _reversible.velocity_update(v, g, gamma)
+    return (_reversible.position_update(w, v, alpha), v), None
 
   carry = (problem.params, problem.velocity)
   steps = tuple(problem.steps)
