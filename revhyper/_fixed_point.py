@@ -34,16 +34,17 @@ def compute_dtype(dtype):
 
 
 def to_fixed(x):
-  """Rounds floats onto the grid; returns ``(int64 array, overflow bool scalar)``.
+  """Rounds floats onto the grid; returns ``(int64 array, in_range bool array)``.
 
-  Out-of-range or non-finite values set ``overflow`` and are clamped, so that the integers stay
-  well defined (the run is then reported as failed, never silently continued).
+  ``in_range`` is False per element where the value is out of range or not finite. Such a
+  value is clamped, so that the integers stay well defined; the caller reports the run as
+  failed rather than continuing silently.
   """
   scaled = x.astype(compute_dtype(x.dtype)) * (2.0**FRACTIONAL_BITS)
-  overflow = jnp.logical_not(jnp.all(jnp.abs(scaled) < _MAX_ABS_INT))
+  in_range = jnp.abs(scaled) < _MAX_ABS_INT  # False for NaN too
   # 2**62 is exactly representable in float32 and float64, so the clamp itself is exact.
-  clamped = jnp.clip(jnp.nan_to_num(scaled), -float(_MAX_ABS_INT), float(_MAX_ABS_INT))
-  return jnp.round(clamped).astype(jnp.int64), overflow
+  clamped = jnp.clip(scaled, -float(_MAX_ABS_INT), float(_MAX_ABS_INT))
+  return jnp.round(clamped).astype(jnp.int64), in_range
 
 
 def to_float(x_int, dtype):
@@ -54,18 +55,18 @@ def to_float(x_int, dtype):
 
 
 def add(x_int, increment):
-  """Exact ``x + round(increment * 2**R)``; returns ``(int64 array, overflow bool scalar)``.
+  """Exact ``x + round(increment * 2**R)``; returns ``(int64 array, in_range bool array)``.
 
-  The reverse is ``add(x_int, -increment)`` with the same float ``increment``: negation is
-  exact and rounding is symmetric (half to even), so ``round(-a) == -round(a)``.
+  Per element checks only (no reduction), so that a training loop can accumulate them
+  cheaply and reduce once at the end.
   """
-  delta, overflow = to_fixed(increment)
+  delta, in_range = to_fixed(increment)
   out = x_int + delta  # |x_int|, |delta| <= 2**62 cannot wrap int64.
-  overflow = overflow | jnp.logical_not(jnp.all(jnp.abs(out) < _MAX_ABS_INT))
-  return out, overflow
+  return out, in_range & (jnp.abs(out) < _MAX_ABS_INT)
 
 
 def subtract(x_int, increment):
   """Exact inverse of ``add(x_int, increment)`` for the same float ``increment``."""
-  delta, overflow = to_fixed(increment)
-  return x_int - delta, overflow
+  delta, in_range = to_fixed(increment)
+  out = x_int - delta
+  return out, in_range & (jnp.abs(out) < _MAX_ABS_INT)

@@ -94,7 +94,7 @@ class State(NamedTuple):
   w: jax.Array  # int64 [num_lanes], weights on the 2**-48 grid.
   v: jax.Array  # int64 [num_lanes], velocities on the same grid.
   stack: _bitstack.BitStack
-  fixed_point_overflow: jax.Array  # bool [], sticky.
+  in_range: jax.Array  # bool [num_lanes], sticky: False once a lane left the exact range.
 
 
 class Steps(NamedTuple):
@@ -197,11 +197,10 @@ def _forward_step(config, hparams, form, state, step):
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, t, form)
   stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(config, gamma))
-  v, overflow_v = _fixed_point.subtract(v, layout.concat(_velocity_increment(gamma, g)))
+  v, v_ok = _fixed_point.subtract(v, layout.concat(_velocity_increment(gamma, g)))
   v_leaves = _float_leaves(config, v)
-  w, overflow_w = _fixed_point.add(state.w, layout.concat(_weight_increment(alpha, v_leaves)))
-  overflow = state.fixed_point_overflow | overflow_v | overflow_w
-  return State(w, v, stack, overflow)
+  w, w_ok = _fixed_point.add(state.w, layout.concat(_weight_increment(alpha, v_leaves)))
+  return State(w, v, stack, state.in_range & v_ok & w_ok)
 
 
 def _undo_position(config, state, alpha):
@@ -215,7 +214,7 @@ def _undo_velocity(config, state, w, g, gamma):
   """Undoes ``v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t`` given the recomputed ``g_t``."""
   v, _ = _fixed_point.add(state.v, config.layout.concat(_velocity_increment(gamma, g)))
   stack, v = _bitstack.divide(state.stack, v, *_numerators(config, gamma))
-  return State(w, v, stack, state.fixed_point_overflow)
+  return State(w, v, stack, state.in_range)
 
 
 def _reverse_step(config, hparams, form, state, step):
@@ -240,14 +239,11 @@ def _initial_state(config, params, velocity):
   layout = config.layout
   w_parts = [_fixed_point.to_fixed(x) for x in params]
   v_parts = [_fixed_point.to_fixed(x) for x in velocity]
-  overflow = jnp.zeros((), jnp.bool_)
-  for _, flag in w_parts + v_parts:
-    overflow |= flag
   return State(
       w=layout.concat([x for x, _ in w_parts]).astype(jnp.int64),
       v=layout.concat([x for x, _ in v_parts]).astype(jnp.int64),
       stack=_bitstack.empty(layout.num_lanes, config.capacity_chunks),
-      fixed_point_overflow=overflow,
+      in_range=layout.concat([a & b for (_, a), (_, b) in zip(w_parts, v_parts)]),
   )
 
 
@@ -285,7 +281,7 @@ def _stats(config, state, gamma, invalid, params_out, velocity_out):
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
-      fixed_point_overflow=state.fixed_point_overflow,
+      fixed_point_overflow=jnp.logical_not(jnp.all(state.in_range)),
       buffer_overflow=state.stack.overflow,
       invalid_hyperparameters=invalid,
       non_finite=jnp.logical_not(finite),
