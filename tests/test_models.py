@@ -39,7 +39,7 @@ def test_mlp_init_from_noise_is_scaled_noise_and_differentiable():
   def total(s):
     return sum(jnp.sum(x) for x in jax.tree.leaves(_models.mlp_init_from_noise(noise, s)))
 
-  grads = jax.grad(total)(log_scales)
+  grads = jax.jit(jax.grad(total))(log_scales)
   np.testing.assert_allclose(grads[1]["W"], np.exp(-3.0) * np.sum(noise[1]["W"]), rtol=1e-5)
   with pytest.raises(ValueError, match="log_scales"):
     _models.mlp_init_from_noise(noise, log_scales[:2])
@@ -57,7 +57,7 @@ def test_mlp_forward_and_gradients(x64):
     params = _models.mlp_init(jax.random.key(0), SIZES, scale=0.3)
     x = jax.random.normal(jax.random.key(1), (7, 12), jnp.float32)
     labels = jnp.arange(7, dtype=jnp.int32) % 3
-    logits = _models.mlp_apply(params, x)
+    logits = jax.jit(_models.mlp_apply)(params, x)
     assert logits.shape == (7, 3) and logits.dtype == jnp.float32
 
     def loss(p):
@@ -94,7 +94,7 @@ def test_logistic_regression_and_strict_promotion():
     def loss(p):
       return _models.softmax_cross_entropy(_models.mlp_apply(p, x), labels)
 
-    chex.assert_tree_all_finite(jax.grad(loss)(params))
+    chex.assert_tree_all_finite(jax.jit(jax.grad(loss))(params))
     _models.error_rate(_models.mlp_apply(params, x), labels)
     np.testing.assert_allclose(
         _models.mlp_apply(params, x), x @ params[0]["W"] + params[0]["b"][None], rtol=1e-6)
