@@ -1,0 +1,113 @@
+"""The rANS bit stack: the rational multiply and its exact inverse."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from revhyper import _bitstack
+
+D = _bitstack.DENOMINATOR
+
+
+def _run(v, numerators, capacity_chunks):
+  """Multiplies by every n_t in turn, then divides back; returns the states along the way."""
+  numerators = np.asarray(numerators, np.uint64)
+
+  @jax.jit
+  def go(v):
+    stack = _bitstack.empty(v.shape[0], capacity_chunks)
+    lanes = jnp.ones_like(v, dtype=jnp.uint64)
+
+    def forward(carry, n):
+      stack, v = carry
+      return _bitstack.multiply(stack, v, lanes * n, n.astype(jnp.float64)), None
+
+    (stack, w), _ = jax.lax.scan(forward, (stack, v), numerators)
+    pushed = stack
+
+    def backward(carry, n):
+      stack, v = carry
+      return _bitstack.divide(stack, v, lanes * n, n.astype(jnp.float64)), None
+
+    popped, _ = jax.lax.scan(
+        backward, (_bitstack.for_popping(stack), w), numerators, reverse=True)
+    return pushed, w, popped
+
+  with jax.enable_x64(True):
+    return go(jnp.asarray(v, jnp.int64))
+
+
+def _signed_values(seed, size):
+  rng = np.random.default_rng(seed)
+  v = rng.integers(-2**62, 2**62, size=size, dtype=np.int64)
+  v[:8] = [0, 1, -1, D - 1, -D, 2**62 - 1, -(2**62) + 1, 12345]
+  return v
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 255, 2**15, 58982, D - 1, D])
+def test_divide_inverts_multiply_bit_for_bit(n):
+  v = _signed_values(n, 257)
+  steps = 300
+  capacity = v.size * _bitstack.max_chunks_per_lane([n] * steps)
+  pushed, w, (stack, back) = _run(v, [n] * steps, max(capacity, 1))
+  with jax.enable_x64(True):
+    chex.assert_trees_all_equal(back, jnp.asarray(v))
+    assert bool(_bitstack.is_empty(stack))
+    assert not bool(pushed.overflow)
+    # v' stays within n units of v * (n / d)**T in the first step; overall it only shrinks.
+    assert bool(jnp.all(jnp.abs(w) <= jnp.abs(jnp.asarray(v)) + n))
+
+
+def test_random_momentum_schedule_round_trips():
+  rng = np.random.default_rng(7)
+  numerators = rng.integers(1, D + 1, size=500)
+  v = _signed_values(3, 64)
+  capacity = v.size * _bitstack.max_chunks_per_lane(numerators)
+  pushed, _, (stack, back) = _run(v, numerators, capacity)
+  with jax.enable_x64(True):
+    chex.assert_trees_all_equal(back, jnp.asarray(v))
+    assert bool(_bitstack.is_empty(stack)) and not bool(pushed.overflow)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.98])
+def test_bits_stored_within_one_percent_of_the_information_bound(gamma):
+  n = round(gamma * D)
+  steps = 2000
+  v = _signed_values(11, 128)
+  pushed, _, _ = _run(v, [n] * steps, v.size * _bitstack.max_chunks_per_lane([n] * steps))
+  with jax.enable_x64(True):
+    bits = float(_bitstack.stored_bits(pushed))
+  bound = v.size * steps * float(_bitstack.information_bits(n))
+  assert abs(bits / bound - 1) < 0.01, (bits, bound)
+
+
+def test_capacity_bound_holds_at_the_worst_momentum_and_overflow_is_flagged():
+  steps = 200  # n = 1 stores 16 bits per step: the fastest-growing stack
+  v = _signed_values(5, 32)
+  per_lane = _bitstack.max_chunks_per_lane([1] * steps)
+  pushed, _, (stack, back) = _run(v, [1] * steps, v.size * per_lane)
+  with jax.enable_x64(True):
+    assert not bool(pushed.overflow)
+    assert int(pushed.ptr) <= v.size * per_lane
+    chex.assert_trees_all_equal(back, jnp.asarray(v))
+  too_small, _, _ = _run(v, [1] * steps, v.size * (per_lane // 2))
+  assert bool(too_small.overflow)
+
+
+def test_floor_divmod_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-2**62, 2**62, size=4096, dtype=np.int64)
+  n = rng.integers(1, D + 1, size=4096, dtype=np.int64)
+  with jax.enable_x64(True):
+    q, r = _bitstack.floor_divmod(jnp.asarray(x), jnp.asarray(n))
+    np.testing.assert_array_equal(np.asarray(q), np.floor_divide(x, n))
+    np.testing.assert_array_equal(np.asarray(r), np.mod(x, n))
+
+
+def test_bucket_rounds_up_monotonically():
+  values = [_bitstack.bucket(k) for k in range(200)]
+  assert all(b >= k for k, b in enumerate(values))
+  assert values == sorted(values)
+  assert len(set(values)) < 30  # few distinct capacities: few compiled programs
