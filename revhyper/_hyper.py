@@ -8,7 +8,7 @@ Every function maps over pytrees, so a whole schedule converts in one call::
 
     log_alpha = constant_schedule(params, num_steps=100, value=-1.0)
     logit_gamma = constant_schedule(params, num_steps=100, value=float(logit(0.5)))
-    alpha, gamma = learning_rate(log_alpha), momentum(logit_gamma)
+    alpha, gamma = learning_rate_from_log(log_alpha), momentum_from_logit(logit_gamma)
 """
 
 import operator
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def learning_rate(log_alpha: Any) -> Any:
+def learning_rate_from_log(log_alpha: Any) -> Any:
   """Learning rates exp(log_alpha), leaf by leaf.
 
   Args:
@@ -29,13 +29,13 @@ def learning_rate(log_alpha: Any) -> Any:
     A pytree of the same structure: positive learning rates.
 
   Example:
-    >>> float(learning_rate(jnp.float32(-1.0)))  # the paper's starting value, e**-1
+    >>> float(learning_rate_from_log(jnp.float32(-1.0)))  # the paper's starting value, e**-1
     0.36787...
   """
   return jax.tree.map(jnp.exp, log_alpha)
 
 
-def momentum(logit_gamma: Any) -> Any:
+def momentum_from_logit(logit_gamma: Any) -> Any:
   """Momenta sigmoid(logit_gamma), in (0, 1), leaf by leaf.
 
   Args:
@@ -45,13 +45,13 @@ def momentum(logit_gamma: Any) -> Any:
     A pytree of the same structure.
 
   Example:
-    >>> float(momentum(jnp.float32(0.0)))  # the paper's starting value
+    >>> float(momentum_from_logit(jnp.float32(0.0)))  # the paper's starting value
     0.5
   """
   return jax.tree.map(jax.nn.sigmoid, logit_gamma)
 
 
-def init_scale(log_scale: Any) -> Any:
+def init_scale_from_log(log_scale: Any) -> Any:
   """Initialisation scales exp(log_scale), leaf by leaf (see ``mlp_init_from_noise``).
 
   Args:
@@ -61,14 +61,14 @@ def init_scale(log_scale: Any) -> Any:
     A pytree of the same structure: positive scales.
 
   Example:
-    >>> float(init_scale(jnp.float32(-3.0)))
+    >>> float(init_scale_from_log(jnp.float32(-3.0)))
     0.04978...
   """
   return jax.tree.map(jnp.exp, log_scale)
 
 
 def logit(p: Any) -> Any:
-  """The inverse of the sigmoid, log(p / (1 - p)), leaf by leaf: ``momentum(logit(g)) == g``.
+  """The inverse of the sigmoid, log(p / (1 - p)), leaf by leaf: ``momentum_from_logit(logit(g)) == g``.
 
   Args:
     p: a pytree of floating values in (0, 1); traced values at or beyond the ends give
@@ -124,7 +124,7 @@ def constant_schedule(params_like: Any, num_steps: int, value: float, dtype=None
   This is the paper's hyperparameter layout for learning rates and momenta (e.g. 100 steps x 8
   weight types for a 784-50-50-50-10 MLP); meta-optimisation then shapes it freely. The result
   is a valid ``learning_rate`` or ``momentum`` argument of ``revhyper.sgd`` once mapped through
-  ``learning_rate`` or ``momentum`` above.
+  ``learning_rate_from_log`` or ``momentum_from_logit`` above.
 
   Args:
     params_like: a pytree of arrays (or ``jax.ShapeDtypeStruct``), e.g. MLP parameters.

@@ -20,9 +20,9 @@ from revhyper import _models
 
 def test_parameterisations_round_trip():
   gammas = {"a": jnp.array([0.1, 0.5, 0.9, 0.99], jnp.float32)}
-  chex.assert_trees_all_close(_hyper.momentum(_hyper.logit(gammas)), gammas, rtol=1e-5)
-  np.testing.assert_allclose(_hyper.learning_rate(jnp.float32(-1.0)), np.exp(-1.0), rtol=1e-6)
-  np.testing.assert_allclose(_hyper.init_scale([jnp.float32(-3.0)])[0], np.exp(-3.0), rtol=1e-6)
+  chex.assert_trees_all_close(_hyper.momentum_from_logit(_hyper.logit(gammas)), gammas, rtol=1e-5)
+  np.testing.assert_allclose(_hyper.learning_rate_from_log(jnp.float32(-1.0)), np.exp(-1.0), rtol=1e-6)
+  np.testing.assert_allclose(_hyper.init_scale_from_log([jnp.float32(-3.0)])[0], np.exp(-3.0), rtol=1e-6)
   assert float(_hyper.logit(0.5)) == 0.0
   with pytest.raises(ValueError, match="p must lie"):
     _hyper.logit(jnp.array([0.5, 1.0]))
@@ -136,8 +136,8 @@ def tiny_training_meta_loss(h):
 
   def step(carry, t):
     p, v = carry
-    alpha = _hyper.learning_rate(h["log_alpha"][t])
-    gamma = _hyper.momentum(h["logit_gamma"][t])
+    alpha = _hyper.learning_rate_from_log(h["log_alpha"][t])
+    gamma = _hyper.momentum_from_logit(h["logit_gamma"][t])
     g = jax.grad(loss)(p)
     v = jax.tree.map(lambda v_, g_: gamma * v_ - (1 - gamma) * g_, v, g)
     p = jax.tree.map(lambda p_, v_: p_ + alpha * v_, p, v)
