@@ -15,14 +15,16 @@ callers in ``_reversible`` do so in a scoped context so that users never need th
 
 import jax.numpy as jnp
 
-# 2**-48 resolution leaves |x| < 2**14 = 16384 for weights and velocities: ample for neural
+# 2**-48 resolution leaves |x| < 2**13 = 8192 for weights and velocities (see _MAX_ABS_INT): ample for neural
 # network weights, finer than float32's 2**-24 relative resolution for |x| > 2**-24, and the
 # same choice as the measured prototype (DESIGN.md section 1).
 FRACTIONAL_BITS = 48
 
-# Every stored integer keeps |x| < 2**62, so that the sum of two of them cannot wrap an int64.
-_MAX_ABS_INT = 2**62
-MAX_ABS_VALUE = float(2 ** (62 - FRACTIONAL_BITS))
+# Every state entering a step is checked to satisfy |x| < 2**61 (from its float value, which
+# the step computes anyway), and so is every increment, so that their sum, |x| < 2**62, cannot
+# wrap an int64: no integer is ever inspected twice.
+_MAX_ABS_INT = 2**61
+MAX_ABS_VALUE = float(2 ** (61 - FRACTIONAL_BITS))
 
 
 def compute_dtype(dtype):
@@ -42,9 +44,14 @@ def to_fixed(x):
   """
   scaled = x.astype(compute_dtype(x.dtype)) * (2.0**FRACTIONAL_BITS)
   in_range = jnp.abs(scaled) < _MAX_ABS_INT  # False for NaN too
-  # 2**62 is exactly representable in float32 and float64, so the clamp itself is exact.
+  # 2**61 is exactly representable in float32 and float64, so the clamp itself is exact.
   clamped = jnp.clip(scaled, -float(_MAX_ABS_INT), float(_MAX_ABS_INT))
   return jnp.round(clamped).astype(jnp.int64), in_range
+
+
+def in_range(x):
+  """Per element: the float value of a state lies in the exact range (False for NaN)."""
+  return jnp.abs(x) < MAX_ABS_VALUE
 
 
 def to_float(x_int, dtype):
@@ -57,16 +64,15 @@ def to_float(x_int, dtype):
 def add(x_int, increment):
   """Exact ``x + round(increment * 2**R)``; returns ``(int64 array, in_range bool array)``.
 
-  Per element checks only (no reduction), so that a training loop can accumulate them
+  ``in_range`` covers the increment; with ``in_range(x)`` checked by the caller the sum cannot
+  wrap. Per element only (no reduction), so that a training loop can accumulate the checks
   cheaply and reduce once at the end.
   """
-  delta, in_range = to_fixed(increment)
-  out = x_int + delta  # |x_int|, |delta| <= 2**62 cannot wrap int64.
-  return out, in_range & (jnp.abs(out) < _MAX_ABS_INT)
+  delta, ok = to_fixed(increment)
+  return x_int + delta, ok
 
 
 def subtract(x_int, increment):
   """Exact inverse of ``add(x_int, increment)`` for the same float ``increment``."""
-  delta, in_range = to_fixed(increment)
-  out = x_int - delta
-  return out, in_range & (jnp.abs(out) < _MAX_ABS_INT)
+  delta, ok = to_fixed(increment)
+  return x_int - delta, ok

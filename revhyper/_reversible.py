@@ -200,7 +200,11 @@ def _forward_step(config, hparams, form, state, step):
   v, v_ok = _fixed_point.subtract(v, layout.concat(_velocity_increment(gamma, g)))
   v_leaves = _float_leaves(config, v)
   w, w_ok = _fixed_point.add(state.w, layout.concat(_weight_increment(alpha, v_leaves)))
-  return State(w, v, stack, state.in_range & v_ok & w_ok)
+  # The states entering the two additions are in range and so are the increments: no sum
+  # wrapped. (The multiply only shrinks |v|.) The final state is checked after the loop.
+  states_ok = layout.concat(
+      [_fixed_point.in_range(x) & _fixed_point.in_range(y) for x, y in zip(w_leaves, v_leaves)])
+  return State(w, v, stack, state.in_range & v_ok & w_ok & states_ok)
 
 
 def _undo_position(config, state, alpha):
@@ -254,7 +258,7 @@ class Stats(NamedTuple):
   information_bound_bits: jax.Array  # float32 [], sum over weights and steps of log2(d / n_t).
   capacity_bits: jax.Array  # float32 [], what the preallocated stack can hold.
   bits_per_weight_per_step: jax.Array  # float32 [], bits_stored / (weights * steps).
-  fixed_point_overflow: jax.Array  # bool [], a value left the exact range |x| < 2**14.
+  fixed_point_overflow: jax.Array  # bool [], a value left the exact range |x| < 2**13.
   buffer_overflow: jax.Array  # bool [], the bit stack ran out of capacity.
   invalid_hyperparameters: jax.Array  # bool [], non-finite learning rate or momentum not in [0, 1].
   non_finite: jax.Array  # bool [], final weights or velocities not finite.
@@ -316,6 +320,9 @@ def _forward(config, params, velocity, hparams, steps, invalid, form):
     state, _ = jax.lax.scan(step_fn, state, tuple(steps))
     params_out = _float_leaves(config, state.w)
     velocity_out = _float_leaves(config, state.v)
+    final_ok = config.layout.concat([_fixed_point.in_range(x) & _fixed_point.in_range(y)
+                                     for x, y in zip(params_out, velocity_out)])
+    state = state._replace(in_range=state.in_range & final_ok)
     stats = _stats(config, state, steps.gamma, invalid, params_out, velocity_out)
   _check(config, stats)
   return params_out, velocity_out, stats, state

@@ -48,6 +48,17 @@ def test_out_of_range_and_non_finite_values_are_flagged():
     x = jnp.asarray([0.5, limit * 0.99, limit * 1.01, -limit * 2, np.inf, np.nan], jnp.float32)
     _, ok = _fixed_point.to_fixed(x)
     np.testing.assert_array_equal(np.asarray(ok), [True, True, False, False, False, False])
-    big, _ = _fixed_point.to_fixed(jnp.asarray([limit * 0.75], jnp.float32))
-    _, ok = _fixed_point.add(big, jnp.asarray([limit * 0.5], jnp.float32))
-    assert not bool(ok[0])  # the sum leaves the range although each part is inside
+    np.testing.assert_array_equal(np.asarray(_fixed_point.in_range(x)), np.asarray(ok))
+
+
+def test_in_range_states_and_increments_cannot_wrap():
+  with jax.enable_x64(True):
+    limit = _fixed_point.MAX_ABS_VALUE
+    below = np.nextafter(np.float32(limit), np.float32(0))
+    x, ok = _fixed_point.to_fixed(jnp.asarray([below, -below], jnp.float32))
+    assert bool(jnp.all(ok))
+    y, ok = _fixed_point.add(x, jnp.asarray([below, -below], jnp.float32))
+    assert bool(jnp.all(ok))
+    # The largest in-range state plus the largest in-range increment keeps its sign: no wrap.
+    np.testing.assert_array_equal(np.sign(np.asarray(y)), [1, -1])
+    assert not bool(jnp.any(_fixed_point.in_range(_fixed_point.to_float(y, jnp.float32))))
