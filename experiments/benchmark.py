@@ -99,8 +99,8 @@ flags.DEFINE_integer("num_train", 9000, "Training digits (the rest of the 10,000
                      "digits, up to --num_val, are the validation set).")
 flags.DEFINE_integer("num_val", 1000, "Validation digits for the meta-objective.")
 flags.DEFINE_integer("seed", 0, "Seed of the initial-weight noise and of the minibatch order.")
-flags.DEFINE_integer("repeats", None, "Timed calls per method after the warm-up; default 3 "
-                     "(--quick: 1).")
+flags.DEFINE_integer("repeats", None, "Timed calls per method after the warm-up; default 5 "
+                     "(--device: 3, --quick: 1).")
 flags.DEFINE_float("memory_limit_gb", None, "Methods whose XLA memory plan exceeds this are "
                    "compiled but not run. Default: 90% of the accelerator's memory limit, or "
                    "on a CPU 16 GB (at most 70% of physical memory).")
@@ -123,7 +123,8 @@ RSS_MARKER = "RSS_RESULT "
 ISSUE_SIZES = [784, 50, 50, 50, 10]  # the configuration the issue's targets are stated for
 
 PRESETS = {
-    "default": dict(sizes="784,50,50,50,10", steps="100,300,1000,3000", repeats=3, rss=True,
+    # Five repeats: on a shared 2-core machine single calls vary by up to 3x.
+    "default": dict(sizes="784,50,50,50,10", steps="100,300,1000,3000", repeats=5, rss=True,
                     compiler_options=None),
     "device": dict(sizes="784,512,512,512,10", steps="1000,3000,10000", repeats=3, rss=False,
                    compiler_options=None),
@@ -328,8 +329,25 @@ def measure_rss(name, num_steps):
   return {"error": f"exit status {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
 
 
-def max_rss_bytes():
-  # ru_maxrss is in kilobytes on Linux (bytes on macOS).
+def peak_rss_bytes():
+  """This process's peak resident memory: VmHWM where /proc has it, else ru_maxrss.
+
+  ru_maxrss is not enough on Linux: a process started by fork (or vfork) and exec inherits
+  the parent's high-water mark through exec (measured: every child reported exactly its
+  parent's peak). VmHWM belongs to the address space that exec creates, so it is the child's.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024  # reported in kB
+  except OSError:
+    pass
+  return ru_maxrss_bytes()
+
+
+def ru_maxrss_bytes():
+  # ru_maxrss is in kilobytes on Linux, bytes on macOS.
   scale = 1 if sys.platform == "darwin" else 1024
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -339,12 +357,15 @@ def rss_child(cfg, spec):
   name, num_steps = spec.split(",")
   problem = Problem(cfg)
   jax.block_until_ready(problem.hparams)
-  record = {"baseline_bytes": max_rss_bytes()}  # interpreter, JAX, data and constants
+  record = {"baseline_bytes": peak_rss_bytes()}  # interpreter, JAX, data and constants
   compiled, _ = compile_method(problem, name, int(num_steps))
-  record["after_compile_bytes"] = max_rss_bytes()
+  record["after_compile_bytes"] = peak_rss_bytes()
   jax.block_until_ready(compiled(problem.hparams))
-  record["peak_bytes"] = max_rss_bytes()
+  record["peak_bytes"] = peak_rss_bytes()
   record["peak_over_baseline_bytes"] = record["peak_bytes"] - record["baseline_bytes"]
+  # The compiler's own peak can exceed the run's at small T; this is what running added.
+  record["run_over_compile_bytes"] = record["peak_bytes"] - record["after_compile_bytes"]
+  record["ru_maxrss_bytes"] = ru_maxrss_bytes()  # see peak_rss_bytes: may be the parent's
   device_stats = jax.devices()[0].memory_stats()
   if device_stats and "peak_bytes_in_use" in device_stats:
     record["device_peak_bytes"] = int(device_stats["peak_bytes_in_use"])
@@ -386,6 +407,7 @@ def measure_steps(problem, num_steps, earlier):
   for name, ts in times.items():
     records[name]["times_s"] = ts
     records[name]["time_s"] = float(np.median(ts)) if ts else records[name]["warmup_s"]
+    records[name]["time_min_s"] = float(np.min(ts)) if ts else records[name]["warmup_s"]
     records[name]["ms_per_step"] = 1e3 * records[name]["time_s"] / num_steps
   del compiled
 
