@@ -215,11 +215,12 @@ def plot_schedules(names, schedules, initial, ylabel, title):
       ax.plot(np.arange(len(schedules[name])), schedules[name], color=colours[layer], lw=1.3,
               label=f"layer {layer + 1}")
     ax.axhline(initial, color="0.5", ls="--", lw=1, label="initial")
-    ax.set_title(f"{title}: {'weights' if kind == 'W' else 'biases'}")
+    ax.set_title("weights" if kind == "W" else "biases")
     ax.set_xlabel("training step t")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(ylabel)
   axes[0].legend(fontsize=8, loc="best")
+  fig.suptitle(title, y=1.02)
   return fig
 
 
@@ -284,7 +285,7 @@ def plot_init_scales(scales, history, layer_sizes, initial):
                label=f"layer {i} biases")
     right.axhline(inv_sqrt_fan_in[i - 1], color=c, ls=":", lw=1)
   right.set_xlabel("meta-iteration")
-  right.set_title("Initial scales during meta-learning (dotted: 1/sqrt(fan-in))")
+  right.set_title("During meta-learning (dotted: 1/sqrt(fan-in))")
   right.legend(fontsize=7, ncol=2, loc="best")
   for ax in (left, right):
     ax.set_yscale("log")
