@@ -152,12 +152,17 @@ def _gradient(config, w_leaves, hparams, t, form, tangent=None):
   with jax.enable_x64(config.user_x64):
     if form is Gradient.PLAIN:
       return jax.grad(config.loss_fn)(w_leaves, hparams, t), None
-    w_leaves, hparams = _barrier((w_leaves, hparams))
+    # Every input crosses the fence, the step index and the tangent too: otherwise XLA can
+    # fuse what produces them (t is i in the forward loop, T - 1 - i in the reverse one; the
+    # forward tangent is a known zero) into the gradient's kernels, compile or autotune them
+    # differently in the two loops, and change the gradient's last bits. On a GPU it did.
     if form is Gradient.FENCED:
+      w_leaves, hparams, t = _barrier((w_leaves, hparams, t))
       return _barrier(jax.grad(config.loss_fn)(w_leaves, hparams, t)), None
-    h_floats, merge = _differentiable(hparams)
     if tangent is None:
-      tangent = _barrier([jnp.zeros_like(x) for x in w_leaves])
+      tangent = [jnp.zeros_like(x) for x in w_leaves]
+    w_leaves, hparams, t, tangent = _barrier((w_leaves, hparams, t, tangent))
+    h_floats, merge = _differentiable(hparams)
     gradients = jax.grad(lambda w, h: config.loss_fn(w, merge(h), t), argnums=(0, 1))
     (g, _), products = jax.jvp(lambda w: gradients(w, h_floats), (w_leaves,), (tangent,))
     return _barrier((g, products))
