@@ -60,7 +60,8 @@ flags.DEFINE_list("layer_sizes", None, "MLP widths (paper 784,50,50,50,10, quick
 flags.DEFINE_list("split", None,
                   "train,valid,test sizes (bundled data 5000,2500,2500; --mnist_dir "
                   "10000,10000,10000; quick 1000,500,500).")
-flags.DEFINE_integer("seed", 0, "Seed of the data split, the initial-weight noise and the minibatch order.")
+flags.DEFINE_integer("seed", 0,
+                     "Seed of the data split, the initial-weight noise and the minibatch order.")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in out_dir/checkpoints.")
 flags.DEFINE_enum("method", "reversible", ["reversible", "unroll", "checkpoint"],
                   "How the hypergradient is computed (all give the same gradients).")
