@@ -273,6 +273,18 @@ class Stats(NamedTuple):
     return self.fixed_point_overflow | self.buffer_overflow | self.invalid_hyperparameters
 
 
+def any_non_finite(*trees):
+  """A bool scalar: some leaf of the trees holds a NaN or an infinity."""
+  bad = jnp.zeros((), jnp.bool_)
+  for x in jax.tree_util.tree_leaves(trees):
+    bad |= jnp.logical_not(jnp.all(jnp.isfinite(x)))
+  return bad
+
+
+INVALID_HYPERPARAMETERS = (
+    "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1].")
+
+
 def _stats(config, state, gamma, invalid, params_out, velocity_out):
   layout = config.layout
   bound = jnp.zeros((), jnp.float64)
@@ -282,9 +294,6 @@ def _stats(config, state, gamma, invalid, params_out, velocity_out):
   stored = _bitstack.stored_bits(state.stack)
   lanes_steps = max(layout.num_lanes * config.num_steps, 1)
   capacity = _bitstack.CHUNK_BITS * (config.capacity_chunks + layout.num_lanes)
-  finite = jnp.ones((), jnp.bool_)
-  for x in list(params_out) + list(velocity_out):
-    finite &= jnp.all(jnp.isfinite(x))
   return Stats(
       bits_stored=stored.astype(jnp.float32),
       information_bound_bits=bound.astype(jnp.float32),
@@ -293,7 +302,7 @@ def _stats(config, state, gamma, invalid, params_out, velocity_out):
       fixed_point_overflow=jnp.logical_not(jnp.all(state.in_range)),
       buffer_overflow=state.stack.overflow,
       invalid_hyperparameters=invalid,
-      non_finite=jnp.logical_not(finite),
+      non_finite=any_non_finite(params_out, velocity_out),
   )
 
 
@@ -309,9 +318,7 @@ def _check(config, stats):
       stats.buffer_overflow,
       "bit-stack overflow: the information buffer ran out of capacity; the momentum fell "
       "below the min_momentum given to revhyper.Reversible. Lower min_momentum.")
-  _errors.raise_if(
-      stats.invalid_hyperparameters,
-      "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1].")
+  _errors.raise_if(stats.invalid_hyperparameters, INVALID_HYPERPARAMETERS)
 
 
 def _reversal_form(config):

@@ -256,12 +256,10 @@ def _float_scan(method, problem):
 
 
 def _float_stats(problem, params_out, velocity_out):
-  finite = jnp.ones((), jnp.bool_)
-  for x in list(params_out) + list(velocity_out):
-    finite &= jnp.all(jnp.isfinite(x))
   zero = jnp.zeros((), jnp.float32)
   false = jnp.zeros((), jnp.bool_)
-  return Stats(zero, zero, zero, zero, false, false, problem.invalid, jnp.logical_not(finite))
+  return Stats(zero, zero, zero, zero, false, false, problem.invalid,
+               _reversible.any_non_finite(params_out, velocity_out))
 
 
 def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
@@ -331,8 +329,7 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
     params_out, velocity_out = _float_scan(method, problem)
     stats = _float_stats(problem, params_out, velocity_out)
     if method.checks:
-      _errors.raise_if(problem.invalid, "invalid hyperparameters: a learning rate is not "
-                       "finite or a momentum is outside [0, 1].")
+      _errors.raise_if(problem.invalid, _reversible.INVALID_HYPERPARAMETERS)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
   return SGDResult(unflatten(params_out), unflatten(velocity_out), stats)
 
