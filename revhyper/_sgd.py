@@ -359,8 +359,10 @@ def round_trip(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, 
     raise ValueError(f"round_trip needs a reversible method, got {method!r}.")
   problem = _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity)
   config, hparams_all = _reversible_config(method, problem)
-  params_out, velocity_out, stats, rebuilt = _reversible.train_and_reverse(
-      config, problem.params, problem.velocity, hparams_all, problem.steps, problem.invalid)
+  # Compiled as one program, so that a call outside jit does not dispatch op by op.
+  params_out, velocity_out, stats, rebuilt = jax.jit(
+      _reversible.train_and_reverse, static_argnums=0)(
+          config, problem.params, problem.velocity, hparams_all, problem.steps, problem.invalid)
   unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
   return RoundTrip(
       params=unflatten(params_out),
