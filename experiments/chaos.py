@@ -184,8 +184,9 @@ def plot_sweep(log_rates, values, grads, fd, failed, disagree, onset, best):
               label="hypergradient (disagrees)")
   # Chaotic hypergradients span orders of magnitude; symlog keeps the stable part readable.
   finite = np.abs(grads[ok & np.isfinite(grads)])
-  linthresh = max(float(np.percentile(finite, 25)) if finite.size else 1e-3, 1e-6)
-  bottom.set_yscale("symlog", linthresh=linthresh)
+  small = max(float(np.percentile(finite, 25)) if finite.size else 1e-3, 1e-6)
+  # A power of ten, so that the ticks at +-linthresh do not crowd the one at zero.
+  bottom.set_yscale("symlog", linthresh=10.0 ** np.floor(np.log10(small)))
   bottom.set_ylabel("d loss / d log alpha")
   bottom.set_xlabel("log learning rate, log alpha")
   for ax in (top, bottom):
