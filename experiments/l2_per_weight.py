@@ -23,8 +23,11 @@ Data: the paper uses 10k training / 10k validation digits. By default this runs 
 10,000 bundled digits split 5000 / 5000; with ``--mnist_dir`` it takes 10k / 10k from the full
 MNIST IDX files. Inputs are scaled to [0, 1] and centred with the training mean.
 
+Baselines: no penalty, and the best single penalty shared by all weights (a grid of log
+penalties from -10 to -3, chosen by validation loss).
+
 Outputs in ``--out_dir``: ``results.json`` (settings, data, meta-loss history, losses and
-errors before and after, the learned penalties), ``penalty_maps.png`` (10 panels, one 28x28
+errors before and after and for the baselines, the learned penalties), ``penalty_maps.png`` (10 panels, one 28x28
 map of log10 lambda per class), ``meta_learning_curve.png``.
 
 Run from the repository root::
@@ -75,6 +78,7 @@ QUICK = dict(meta_iterations=10, num_steps=20)
 BUNDLED_SPLIT = (5000, 5000)
 IDX_SPLIT = (10000, 10000)  # the paper's
 QUICK_SPLIT = (1000, 1000)
+UNIFORM_GRID = (-10.0, -9.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0)  # log penalties
 SIDE = 28  # MNIST images are 28x28
 NUM_CLASSES = 10
 
@@ -203,13 +207,25 @@ def main(argv):
 
   before = {k: float(v) for k, v in evaluate(h0).items()}
   logging.info("Before: %s", before)
+  # Baselines for the learned penalties: none at all, and the best single penalty shared by
+  # every weight (chosen on the validation loss, like the learned ones).
+  no_penalty = {k: float(v) for k, v in evaluate(
+      jax.tree.map(lambda h: jnp.full_like(h, -jnp.inf), h0)).items()}
+  uniform_search = []
+  for value in UNIFORM_GRID:
+    out = evaluate(jax.tree.map(lambda h: jnp.full_like(h, value), h0))
+    uniform_search.append(dict(log_penalty=value, **{k: float(v) for k, v in out.items()}))
+  best_uniform = min(uniform_search, key=lambda r: r["valid_loss"])
+  logging.info("Validation loss without penalty %.4f; best uniform penalty e^%g: %.4f",
+               no_penalty["valid_loss"], best_uniform["log_penalty"], best_uniform["valid_loss"])
   result = revhyper.meta_optimize(
       meta_loss, h0, num_iterations=settings["meta_iterations"],
       optimizer=optax.sgd(FLAGS.meta_step), has_aux=True)
   after = {k: float(v) for k, v in evaluate(result.hparams).items()}
   logging.info("After: %s", after)
-  logging.info("Validation loss (meta-objective): %.4f before, %.4f after",
-               before["valid_loss"], after["valid_loss"])
+  logging.info("Validation loss (meta-objective): %.4f before, %.4f after (no penalty %.4f, "
+               "best uniform penalty %.4f)", before["valid_loss"], after["valid_loss"],
+               no_penalty["valid_loss"], best_uniform["valid_loss"])
 
   log_penalty = result.hparams[0]
   w_log = np.asarray(log_penalty["W"])
@@ -218,7 +234,8 @@ def main(argv):
       # meta_loss[i] is the validation loss before update i; after the last update it is
       # after["valid_loss"].
       meta_loss=[r["meta_loss"] for r in result.history], history=result.history,
-      before=before, after=after,
+      before=before, after=after, no_penalty=no_penalty, best_uniform_penalty=best_uniform,
+      uniform_search=uniform_search,
       learned=dict(
           log_penalty_W=w_log,  # [784, 10]: pixel x class
           log_penalty_b=np.asarray(log_penalty["b"]),
