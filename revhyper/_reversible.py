@@ -8,15 +8,16 @@ Learning", ICML 2015, Algorithms 1 and 2. The forward pass trains on an integer 
     w_{t+1} = w_t + alpha_t * v_{t+1}                  # exact add
 
 and keeps only ``(w_T, v_T)`` and the bit stack. The backward pass runs the same steps in
-reverse, rebuilding every ``(w_t, v_t)`` bit for bit, and takes the cotangents of each step from
-``jax.vjp`` of the float step evaluated at the rebuilt state: the paper's Algorithm 2, Hessian-
-vector products included, without hand-derived formulas. Memory is O(weights + stored bits).
+reverse, rebuilding every ``(w_t, v_t)`` bit for bit, and takes the cotangents of each step at
+the rebuilt state from ``jax.vjp`` (and ``jax.linear_transpose``) of the float update and from
+a forward-mode Hessian-vector product of the gradient: the paper's Algorithm 2 without
+hand-derived formulas. Memory is O(weights + stored bits).
 
 Bit-exactness needs the reverse to recompute each gradient ``g_t`` bit for bit. The gradient
-subgraph is therefore fenced with ``lax.optimization_barrier`` on its inputs and outputs, so
-that XLA compiles it identically in both loops. With ``share_gradient=True`` that subgraph is
-the linearisation of the gradient (``jax.vjp``), whose residuals the backward pass reuses for the
-Hessian-vector product instead of computing the gradient a second time.
+subgraph is therefore fenced with ``lax.optimization_barrier`` on all its inputs and outputs,
+so that XLA compiles it identically in both loops. With ``share_gradient`` the fenced subgraph
+is the forward-over-reverse pass itself, whose primal output is ``g_t`` and whose tangents are
+the Hessian-vector products, so the backward pass computes the gradient once per step.
 """
 
 import dataclasses
