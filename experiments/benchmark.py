@@ -453,7 +453,9 @@ def table(results):
           f"{'XLA temp MB':>13}{'x unroll':>10}{'peak RSS MB':>12}{'bits/w/step':>12}"
           f"{'rel err':>10}")
   for key, records in results["steps"].items():
-    lines += ["", f"T = {key}", head]
+    load = results.get("load_average", {}).get(key)
+    load = f"  (load average {load[0]:.1f} before, {load[1]:.1f} after)" if load else ""
+    lines += ["", f"T = {key}{load}", head]
     t_ref = value(records, "unroll", "time_s") or value(records, "unroll", "time_estimate_s")
     m_ref = value(records, "unroll", "memory", "temp_bytes")
     for name, r in records.items():
@@ -534,10 +536,16 @@ def plot(results, out_dir):
   label = (f"{device}, MLP {'-'.join(map(str, results['config']['sizes']))}, "
            f"gamma {results['config']['momentum']}")
 
-  def finish(ax, title, ylabel):
-    ax.set(xscale="log", yscale="log", xlabel="training steps T", ylabel=ylabel, title=title)
+  def finish(ax, title, ylabel, yscale="log"):
+    ax.set(xscale="log", yscale=yscale, xlabel="training steps T", ylabel=ylabel, title=title)
     ax.set_xticks(steps, [str(t) for t in steps])  # the measured T, in plain numbers
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    # Less than about a decade shows one major tick or none: label the minor ones too.
+    short = yscale == "log" and high / low < 20
+    ax.yaxis.set_minor_formatter(plain if short else matplotlib.ticker.NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -551,13 +559,23 @@ def plot(results, out_dir):
         ys.append(y)
     return xs, ys
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.6))
+  # Absolute times move with the load on a shared machine from one T to the next; ratios
+  # measured side by side at the same T do not, so they get their own panel.
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   for name in results["config"]["methods"]:
+    kind = "hypergradient" if name in HYPERGRADIENT_METHODS else "training only"
     xs, ys = series(name, lambda r: r.get("time_s"))
     if xs:
-      kind = "hypergradient" if name in HYPERGRADIENT_METHODS else "training only"
-      ax.plot(xs, ys, label=f"{name} ({kind})", **STYLE[name])
-  finish(ax, f"Time, compile excluded\n{label}", "wall time (s)")
+      axes[0].plot(xs, ys, label=f"{name} ({kind})", **STYLE[name])
+    xs, ys = series(name, lambda r: r.get("time_s"))
+    units = [(x, y / results["steps"][str(x)]["unroll"]["time_s"]) for x, y in zip(xs, ys)
+             if value(results["steps"][str(x)], "unroll", "time_s")]
+    if units:
+      axes[1].plot(*zip(*units), label=name, **STYLE[name])
+  finish(axes[0], f"Time, compile excluded (median)\n{label}", "wall time (s)")
+  finish(axes[1], "Time relative to unroll's hypergradient\n(measured side by side at each T)",
+         "time / unroll", yscale="linear")
+  axes[1].axhline(1.0, color="k", linewidth=0.6)
   common.save_figure(fig, out_dir, "time.png")
 
   has_rss = any(value(r, n, "rss", "peak_bytes") for r in results["steps"].values() for n in r)
@@ -638,6 +656,7 @@ def main(argv):
       "hyperparameters": sorted(problem.hparams),
       "bound_bits_per_weight_per_step": problem.bound_bits,
       "steps": {},
+      "load_average": {},  # one-minute load average before and after each T
       "complete": False,
   }
   print(f"{problem.num_weights} weights, T = {cfg['steps']}, methods {cfg['methods']}, "
@@ -645,7 +664,10 @@ def main(argv):
   start = time.perf_counter()
   for num_steps in cfg["steps"]:
     earlier = {int(k): v for k, v in results["steps"].items()}
+    load_before = os.getloadavg()[0]
     results["steps"][str(num_steps)] = measure_steps(problem, num_steps, earlier)
+    # Other processes' load explains most of the spread in absolute times between T.
+    results["load_average"][str(num_steps)] = [load_before, os.getloadavg()[0]]
     results["elapsed_s"] = time.perf_counter() - start
     common.save_results(out_dir, results)  # keep finished T if a later one is interrupted
   results["targets"] = targets(results)
