@@ -27,8 +27,8 @@ Baselines: no penalty, and the best single penalty shared by all weights (a grid
 penalties from -10 to -3, chosen by validation loss).
 
 Outputs in ``--out_dir``: ``results.json`` (settings, data, meta-loss history, losses and
-errors before and after and for the baselines, the learned penalties), ``penalty_maps.png`` (10 panels, one 28x28
-map of log10 lambda per class), ``meta_learning_curve.png``.
+errors before and after and for the baselines, the learned penalties), ``penalty_maps.png``
+(10 panels, one 28x28 map of log10 lambda per class), ``meta_learning_curve.png``.
 
 Run from the repository root::
 
