@@ -344,6 +344,7 @@ def plot_meta_curve(history, learned, tied, separate):
   ax.axhline(tied["mean_test_nll"], color="C2", ls="--", label="test NLL, tied")
   ax.axhline(learned["mean_test_nll"], color="C1", ls="-.", label="test NLL, learned")
   ax.set_xlabel("meta-iteration")
+  ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
   ax.set_ylabel("mean NLL over tasks")
   ax.set_title("Meta-learning curve")
   ax.grid(alpha=0.3)
