@@ -271,6 +271,11 @@ class Stats(NamedTuple):
 
   @property
   def failed(self):
+    """Exact reversal is impossible: overflow of the grid or the stack, or bad hyperparameters.
+
+    (A run whose values turn non-finite also leaves the grid, so ``failed`` covers it for the
+    reversible method; for ``Unroll`` and ``Checkpoint`` read ``non_finite``.)
+    """
     return self.fixed_point_overflow | self.buffer_overflow | self.invalid_hyperparameters
 
 
