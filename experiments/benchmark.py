@@ -281,6 +281,10 @@ def compile_method(problem, name, num_steps):
   return compiled, {"trace_s": traced - start, "compile_s": done - traced, "memory": memory}
 
 
+def format_bytes(n):
+  return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def timed_call(compiled, hparams):
   start = time.perf_counter()
   out = jax.block_until_ready(compiled(hparams))
@@ -388,8 +392,8 @@ def measure_steps(problem, num_steps, earlier):
     records[name]["fits"] = planned <= cfg["memory_limit_bytes"]
     if not records[name]["fits"]:
       del compiled[name]  # reported from its memory plan alone
-      records[name]["not_run"] = (f"needs {planned / 1e9:.1f} GB by XLA's memory plan, over "
-                                  f"the {cfg['memory_limit_bytes'] / 1e9:.1f} GB limit")
+      records[name]["not_run"] = (f"needs {format_bytes(planned)} by XLA's memory plan, over "
+                                  f"the {format_bytes(cfg['memory_limit_bytes'])} limit")
       print(f"  T={num_steps} {name}: {records[name]['not_run']}", flush=True)
 
   outputs = {}
@@ -481,6 +485,8 @@ def table(results):
       ]
       note = "  (not run: " + r["not_run"] + ")" if "not_run" in r else ""
       note += "  (" + r["error"][:120] + ")" if "error" in r else ""
+      reference = r.get("error_reference", "unroll")
+      note += f"  (rel err against {reference})" if reference != "unroll" else ""
       note += "  (time estimated)" if estimated else ""
       lines.append("".join(cells) + note)
   lines.append("")
@@ -587,13 +593,13 @@ def plot(results, out_dir):
     if xs:
       ax.plot(xs, ys, label=name, **STYLE[name])
     xs, ys = series(name, lambda r: r["memory"]["temp_bytes"] / 1e6 if "not_run" in r else 0)
-    if xs:  # planned but not run: hollow markers
+    if xs:  # planned but not run: a ring around the point
       ax.plot(xs, ys, linestyle="none", marker=STYLE[name]["marker"], markersize=11,
               markerfacecolor="none", markeredgecolor=STYLE[name]["color"])
   limit = results["config"]["memory_limit_bytes"] / 1e6
   if any("not_run" in r for records in results["steps"].values() for r in records.values()):
     ax.axhline(limit, color="k", linewidth=0.8, linestyle=":")
-    ax.text(steps[0], limit, " memory limit (hollow: planned, not run)", va="bottom",
+    ax.text(steps[0], limit, " memory limit (ringed: planned, not run)", va="bottom",
             fontsize=8)
   finish(ax, f"XLA temporary memory (memory_analysis)\n{label}", "MB")
   if has_rss:

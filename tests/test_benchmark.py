@@ -1,0 +1,109 @@
+"""The benchmark launcher runs end to end in its quick mode and writes well-formed outputs.
+
+Benchmarks are not tests: nothing here asserts a time. The launcher runs in a subprocess, as a
+user would run it, on a tiny network. Four methods cover its distinct paths (training alone,
+the store-all reference, a checkpointed float hypergradient, the reversible one) in eight
+compiles, about half a minute on two cores; a memory limit between unroll's plans at the two
+lengths makes it skip unroll at the longer one, as the GPU run must at T = 10,000.
+"""
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "benchmark.py")
+METHODS = ["forward_exact", "unroll", "remat", "reversible"]
+STEPS = [10, 20]
+# XLA plans about 8 MB of temporaries for unroll at T = 10 and 16 MB at T = 20 (784-8-10,
+# batch 200); every other method stays under 2 MB.
+MEMORY_LIMIT_GB = 0.012
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out_dir = tmp_path_factory.mktemp("benchmark")
+  command = [sys.executable, SCRIPT, "--quick", f"--out_dir={out_dir}", "--sizes=784,8,10",
+             "--steps=" + ",".join(map(str, STEPS)), "--methods=" + ",".join(METHODS),
+             f"--memory_limit_gb={MEMORY_LIMIT_GB}", "--nomeasure_rss"]
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out_dir / "results.json") as f:
+    results = json.load(f)
+  return out_dir, results, proc.stdout
+
+
+def test_results_record_the_machine_and_configuration(run):
+  _, results, _ = run
+  assert results["complete"] is True
+  for key in ("platform", "device_kind", "cpu", "jax", "date"):
+    assert results["machine"][key]
+  assert "--quick" in results["command"]
+  config = results["config"]
+  assert config["sizes"] == [784, 8, 10] and config["steps"] == STEPS
+  assert config["methods"] == METHODS
+  assert config["memory_limit_bytes"] == MEMORY_LIMIT_GB * 1e9
+  assert results["num_weights"] == 784 * 8 + 8 + 8 * 10 + 10
+  assert sorted(results["load_average"]) == sorted(map(str, STEPS))
+
+
+def test_methods_that_fit_are_timed_and_the_others_only_planned(run):
+  _, results, _ = run
+  assert sorted(results["steps"]) == sorted(map(str, STEPS))
+  limit = results["config"]["memory_limit_bytes"]
+  for records in results["steps"].values():
+    assert list(records) == METHODS
+    for name, record in records.items():
+      assert "error" not in record, (name, record.get("error"))
+      memory = record["memory"]
+      assert 0 < memory["temp_bytes"] <= memory["planned_bytes"]
+      assert record["compile_s"] > 0 and record["trace_s"] > 0
+      assert record["fits"] == (memory["planned_bytes"] <= limit)
+      if record["fits"]:
+        assert record["time_s"] > 0 and "not_run" not in record
+        assert len(record["times_s"]) == results["config"]["repeats"]
+      else:
+        assert "time_s" not in record and "XLA's memory plan" in record["not_run"]
+  assert results["steps"]["10"]["unroll"]["fits"]
+  skipped = results["steps"]["20"]["unroll"]
+  assert not skipped["fits"]
+  # Its time is estimated from T = 10, linearly.
+  assert skipped["time_estimate_from_steps"] == 10
+  assert skipped["time_estimate_s"] == pytest.approx(
+      2 * results["steps"]["10"]["unroll"]["time_s"])
+
+
+def test_hypergradients_agree_and_bits_meet_the_bound(run):
+  _, results, _ = run
+  bound = math.log2(2**16 / round(0.9 * 2**16))
+  assert results["bound_bits_per_weight_per_step"] == pytest.approx(bound)
+  # Against unroll where it ran, else against the first float method that did.
+  for key, reference in (("10", "unroll"), ("20", "remat")):
+    records = results["steps"][key]
+    for name in ("remat", "reversible"):
+      assert records[name]["error_reference"] == reference
+      assert records[name]["relative_error"]["max_per_leaf"] < 1e-4
+    for name in ("reversible", "forward_exact"):
+      stats = records[name]["stats"]
+      assert stats["bits_per_weight_per_step"] == pytest.approx(bound, rel=0.01)
+      assert not (stats["fixed_point_overflow"] or stats["buffer_overflow"])
+      assert not stats["non_finite"]
+
+
+def test_figures_are_png_files_and_the_table_is_printed(run):
+  out_dir, _, stdout = run
+  for name in ("time.png", "memory.png"):
+    with open(out_dir / name, "rb") as f:
+      header = f.read(24)
+    assert header[:8] == PNG_SIGNATURE and header[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", header[16:24])
+    assert width > 100 and height > 100
+  assert "x unroll" in stdout and "not run" in stdout
+  for name in METHODS:
+    assert name in stdout
