@@ -35,14 +35,18 @@ compiled but not run: it is reported as not fitting, with its planned memory, an
 estimated by scaling its largest measured T linearly (marked as an estimate).
 
 Writes to --out_dir: ``results.json`` (machine, command line, every number; rewritten after
-each T, so an interrupted run keeps what it finished), ``time.png`` and ``memory.png``
-(log-log, one line per method), and prints a table of ratios against unroll.
+each T, so an interrupted run keeps what it finished), ``time.png`` (time against T, log-log,
+and time relative to unroll) and ``memory.png`` (XLA temporaries against T and, if measured,
+peak RSS), one line per method, and prints a table of ratios against unroll.
+
+Only ratios within one T are comparable on a shared machine: the load of other processes
+moves absolute times between T (the load average is recorded per T).
 
 Run:
 
   # CPU, 784-50-50-50-10, T = 100, 300, 1000, 3000 (about 30 minutes on 2 cores):
   python experiments/benchmark.py --out_dir=/tmp/revhyper_benchmark
-  # smoke run, under a minute:
+  # smoke run, under a minute (compiled at XLA optimisation level 0: times mean nothing):
   python experiments/benchmark.py --quick --out_dir=/tmp/revhyper_benchmark_quick
   # one GPU (H100 80 GB), 784-512-512-512-10 (0.93M weights), T = 1000, 3000, 10000:
   python experiments/benchmark.py --device --out_dir=/tmp/revhyper_benchmark_gpu
@@ -198,8 +202,8 @@ class Problem:
     images, labels = revhyper.load_mnist()
     n_train, n_val = cfg["num_train"], cfg["num_val"]
     mean = revhyper.pixel_mean(images[:n_train])
-    # Closed-over constants, not jit arguments: a traced float array that loss_fn closes over
-    # is hoisted into the differentiated inputs of sgd and would get a cotangent.
+    # Closed over by the losses, so the data are constants of every compiled program alike;
+    # each minibatch is a pure function of the step (revhyper.batch_indices).
     self.x_train = jnp.asarray(revhyper.preprocess(images[:n_train], mean))
     self.y_train = jnp.asarray(labels[:n_train], jnp.int32)
     self.x_val = jnp.asarray(revhyper.preprocess(images[n_train:n_train + n_val], mean))
@@ -376,17 +380,24 @@ def rss_child(cfg, spec):
   print(RSS_MARKER + json.dumps(record), flush=True)
 
 
+_START = time.perf_counter()
+
+
+def progress(message):
+  print(f"[{time.perf_counter() - _START:6.0f} s] {message}", flush=True)
+
+
 def measure_steps(problem, num_steps, earlier):
   """Every method at one T, side by side; ``earlier`` holds the smaller T's records."""
   cfg = problem.cfg
   records, compiled = {}, {}
   for name in cfg["methods"]:
-    print(f"  T={num_steps} {name}: compiling", flush=True)
+    progress(f"T={num_steps} {name}: compiling")
     try:
       compiled[name], records[name] = compile_method(problem, name, num_steps)
     except Exception as e:  # noqa: BLE001  (a failing method is reported, the rest still run)
       records[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-      print(f"  T={num_steps} {name}: {records[name]['error']}", flush=True)
+      progress(f"T={num_steps} {name}: {records[name]['error']}")
       continue
     planned = records[name]["memory"]["planned_bytes"]
     records[name]["fits"] = planned <= cfg["memory_limit_bytes"]
@@ -394,17 +405,18 @@ def measure_steps(problem, num_steps, earlier):
       del compiled[name]  # reported from its memory plan alone
       records[name]["not_run"] = (f"needs {format_bytes(planned)} by XLA's memory plan, over "
                                   f"the {format_bytes(cfg['memory_limit_bytes'])} limit")
-      print(f"  T={num_steps} {name}: {records[name]['not_run']}", flush=True)
+      progress(f"T={num_steps} {name}: {records[name]['not_run']}")
 
   outputs = {}
   for name in list(compiled):
-    print(f"  T={num_steps} {name}: warm-up", flush=True)
+    progress(f"T={num_steps} {name}: warm-up")
     try:
       records[name]["warmup_s"], outputs[name] = timed_call(compiled[name], problem.hparams)
     except Exception as e:  # noqa: BLE001  (a failing method is reported, the rest still run)
       records[name]["error"] = f"{type(e).__name__}: {e}"[:2000]
       del compiled[name]
   times = {name: [] for name in compiled}
+  progress(f"T={num_steps}: {cfg['repeats']} timed rounds over {len(compiled)} methods")
   for _ in range(cfg["repeats"]):
     for name in compiled:  # round-robin: background load falls on every method alike
       times[name].append(timed_call(compiled[name], problem.hparams)[0])
@@ -434,7 +446,7 @@ def measure_steps(problem, num_steps, earlier):
         record["time_estimate_s"] = s_known * num_steps / t_known
         record["time_estimate_from_steps"] = t_known
     if cfg["measure_rss"] and "time_s" in record:
-      print(f"  T={num_steps} {name}: peak RSS in a fresh process", flush=True)
+      progress(f"T={num_steps} {name}: peak RSS in a fresh process")
       record["rss"] = measure_rss(name, num_steps)
   return records
 
