@@ -91,10 +91,7 @@ QUICK = dict(num_rates=24, num_steps=20, batch_size=50, num_train=200,
 
 
 def _setting(name):
-  value = getattr(FLAGS, name)
-  if value is not None:
-    return tuple(int(v) for v in value) if isinstance(value, list) else value
-  return (QUICK if FLAGS.quick else PAPER)[name]
+  return common.setting(FLAGS, name, PAPER, QUICK)
 
 
 def load_train(mnist_dir, num_train, seed):

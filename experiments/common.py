@@ -1,7 +1,7 @@
-"""Small helpers shared by the experiment launchers: output files and data notes.
+"""Small helpers shared by the experiment launchers: settings, data, output files, figures.
 
-Launchers are flat absl scripts; this module holds only what every one of them writes the
-same way. It imports nothing from revhyper's private modules.
+Launchers are flat absl scripts; this module holds only what several of them do the same
+way. It imports only revhyper's public API.
 """
 
 import json
@@ -17,6 +17,15 @@ import numpy as np  # noqa: E402
 BUNDLED_DATA_NOTE = (
     "Ran on the 10,000 bundled MNIST digits (revhyper.load_mnist()), fewer than the paper's "
     "splits; pass --mnist_dir with the four MNIST IDX files for the full data set.")
+
+
+def setting(flag_values, name, paper, quick):
+  """The flag ``name``, or where it was left at None its value in ``paper`` (``quick`` with
+  --quick). A list flag comes back as a tuple of ints."""
+  value = getattr(flag_values, name)
+  if value is not None:
+    return tuple(int(v) for v in value) if isinstance(value, list) else value
+  return (quick if flag_values.quick else paper)[name]
 
 
 def prepare_out_dir(out_dir):

@@ -77,8 +77,7 @@ NUM_CLASSES = 10
 
 
 def _setting(name):
-  value = getattr(FLAGS, name)
-  return value if value is not None else (QUICK if FLAGS.quick else PAPER)[name]
+  return common.setting(FLAGS, name, PAPER, QUICK)
 
 
 def load_splits(mnist_dir, sizes, seed):

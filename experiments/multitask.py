@@ -123,12 +123,7 @@ QUICK_HIDDEN = (20, 10)
 
 
 def _setting(name):
-  value = getattr(FLAGS, name)
-  if value is not None:
-    return tuple(int(v) for v in value) if isinstance(value, list) else value
-  if FLAGS.quick and name in QUICK:
-    return QUICK[name]
-  return DEFAULTS[name]
+  return common.setting(FLAGS, name, DEFAULTS, QUICK)
 
 
 def default_layer_sizes(num_classes):

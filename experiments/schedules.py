@@ -87,10 +87,7 @@ QUICK_SPLIT = (1000, 500, 500)
 
 
 def _setting(name):
-  value = getattr(FLAGS, name)
-  if value is not None:
-    return tuple(int(v) for v in value) if isinstance(value, list) else value
-  return (QUICK if FLAGS.quick else PAPER)[name]
+  return common.setting(FLAGS, name, PAPER, QUICK)
 
 
 def load_splits(mnist_dir, sizes, seed):

@@ -62,10 +62,7 @@ BUNDLED_TRAIN, IDX_TRAIN, QUICK_TRAIN = 5000, 10000, 1000
 
 
 def _setting(name):
-  value = getattr(FLAGS, name)
-  if value is not None:
-    return tuple(int(v) for v in value) if isinstance(value, list) else value
-  return (QUICK if FLAGS.quick else PAPER)[name]
+  return common.setting(FLAGS, name, PAPER, QUICK)
 
 
 def load_train(mnist_dir, num_train):
