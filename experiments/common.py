@@ -12,7 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # launchers run headless; figures go to files
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import revhyper  # noqa: E402
 
 BUNDLED_DATA_NOTE = (
     "Ran on the 10,000 bundled MNIST digits (revhyper.load_mnist()), fewer than the paper's "
@@ -26,6 +28,41 @@ def setting(flag_values, name, paper, quick):
   if value is not None:
     return tuple(int(v) for v in value) if isinstance(value, list) else value
   return (quick if flag_values.quick else paper)[name]
+
+
+def split_sizes(split_flag, quick, mnist_dir, *, bundled, idx, quick_sizes):
+  """Sizes of the data splits: the --split flag where given, else ``quick_sizes`` with
+  --quick, else ``idx`` with --mnist_dir (full MNIST) and ``bundled`` without."""
+  if split_flag:
+    return tuple(int(v) for v in split_flag)
+  if quick:
+    return quick_sizes
+  return idx if mnist_dir else bundled
+
+
+def load_mnist_splits(mnist_dir, sizes, seed, names):
+  """Disjoint random splits of MNIST of ``sizes``, centred with the mean of the first.
+
+  The digits are the bundled 10,000 (``revhyper.load_mnist()``), or with ``mnist_dir`` the
+  full 70,000 of the four IDX files there. ``names`` names the splits in the note, e.g.
+  ``("train", "valid")``. Returns ``(data, note)``: data is one ``(x float32 [n, 784],
+  y int32 [n])`` per split; the note says which data the run used.
+  """
+  split = "/".join(str(n) for n in sizes)
+  names = "/".join(names)
+  if mnist_dir:
+    splits = revhyper.load_mnist_idx(mnist_dir)
+    images = np.concatenate([splits["train"][0], splits["test"][0]])
+    labels = np.concatenate([splits["train"][1], splits["test"][1]])
+    note = f"Ran on full MNIST from {mnist_dir}, split {names} {split}."
+  else:
+    images, labels = revhyper.load_mnist()
+    note = BUNDLED_DATA_NOTE + f" Split {names} {split}."
+  parts = revhyper.split_data(images, labels, sizes, seed=seed)
+  mean = revhyper.pixel_mean(parts[0][0])
+  data = [(jnp.asarray(revhyper.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
+          for x, y in parts]
+  return data, note
 
 
 def prepare_out_dir(out_dir):

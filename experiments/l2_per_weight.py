@@ -87,23 +87,6 @@ def _setting(name):
   return common.setting(FLAGS, name, PAPER, QUICK)
 
 
-def load_splits(mnist_dir, sizes, seed):
-  """Train and valid (x float32 [n, 784], y int32 [n]), centred with the train mean."""
-  if mnist_dir:
-    splits = revhyper.load_mnist_idx(mnist_dir)
-    images = np.concatenate([splits["train"][0], splits["test"][0]])
-    labels = np.concatenate([splits["train"][1], splits["test"][1]])
-    note = f"Ran on full MNIST from {mnist_dir} (train/valid {sizes})."
-  else:
-    images, labels = revhyper.load_mnist()
-    note = common.BUNDLED_DATA_NOTE + f" Split train/valid {sizes}."
-  parts = revhyper.split_data(images, labels, sizes, seed=seed)
-  mean = revhyper.pixel_mean(parts[0][0])
-  data = [(jnp.asarray(revhyper.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
-          for x, y in parts]
-  return data, note
-
-
 def make_problem(data, num_steps, batch_size, learning_rate, momentum, seed):
   """Returns ``(meta_loss, evaluate, params0)``: functions of the log penalties."""
   (x_train, y_train), (x_valid, y_valid) = data
@@ -188,15 +171,12 @@ def main(argv):
       meta_optimizer=f"sgd({FLAGS.meta_step})", meta_objective="validation loss",
       parameterisation="log L2 penalty per weight: penalty = sum_i exp(h_i) * w_i^2",
       initial_log_penalty=FLAGS.log_penalty, seed=FLAGS.seed, quick=FLAGS.quick)
-  if FLAGS.split:
-    split = tuple(int(v) for v in FLAGS.split)
-  elif FLAGS.quick:
-    split = QUICK_SPLIT
-  else:
-    split = IDX_SPLIT if FLAGS.mnist_dir else BUNDLED_SPLIT
+  split = common.split_sizes(FLAGS.split, FLAGS.quick, FLAGS.mnist_dir, bundled=BUNDLED_SPLIT,
+                             idx=IDX_SPLIT, quick_sizes=QUICK_SPLIT)
   settings["split"] = split
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
-  data, data_note = load_splits(FLAGS.mnist_dir, split, FLAGS.seed)
+  data, data_note = common.load_mnist_splits(FLAGS.mnist_dir, split, FLAGS.seed,
+                                             ("train", "valid"))
   logging.info("%s", data_note)
   logging.info("Settings: %s", settings)
 

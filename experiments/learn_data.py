@@ -80,23 +80,6 @@ def _setting(name):
   return common.setting(FLAGS, name, PAPER, QUICK)
 
 
-def load_splits(mnist_dir, sizes, seed):
-  """Valid and test (x float32 [n, 784], y int32 [n]), centred with the validation mean."""
-  if mnist_dir:
-    splits = revhyper.load_mnist_idx(mnist_dir)
-    images = np.concatenate([splits["train"][0], splits["test"][0]])
-    labels = np.concatenate([splits["train"][1], splits["test"][1]])
-    note = f"Ran on full MNIST from {mnist_dir} (valid/test {sizes})."
-  else:
-    images, labels = revhyper.load_mnist()
-    note = common.BUNDLED_DATA_NOTE + f" Split valid/test {sizes}."
-  parts = revhyper.split_data(images, labels, sizes, seed=seed)
-  mean = revhyper.pixel_mean(parts[0][0])
-  data = [(jnp.asarray(revhyper.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
-          for x, y in parts]
-  return data, note
-
-
 def make_problem(data, num_steps, learning_rate, momentum):
   """Returns ``(meta_loss, evaluate)``: functions of {"images", "log_l2"}."""
   (x_valid, y_valid), (x_test, y_test) = data
@@ -176,15 +159,13 @@ def main(argv):
       meta_optimizer=f"sgd({FLAGS.meta_step})", meta_objective="validation loss",
       initial_images="zeros (the mean digit)", initial_log_l2=FLAGS.log_l2,
       seed=FLAGS.seed, quick=FLAGS.quick)
-  if FLAGS.split:
-    split = tuple(int(v) for v in FLAGS.split)
-  elif FLAGS.quick:
-    split = QUICK_SPLIT
-  else:
-    split = IDX_SPLIT if FLAGS.mnist_dir else BUNDLED_SPLIT
+  split = common.split_sizes(FLAGS.split, FLAGS.quick, FLAGS.mnist_dir, bundled=BUNDLED_SPLIT,
+                             idx=IDX_SPLIT, quick_sizes=QUICK_SPLIT)
   settings["split"] = split
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
-  data, data_note = load_splits(FLAGS.mnist_dir, split, FLAGS.seed)
+  # Centred with the validation mean: the first split.
+  data, data_note = common.load_mnist_splits(FLAGS.mnist_dir, split, FLAGS.seed,
+                                             ("valid", "test"))
   logging.info("%s", data_note)
   logging.info("Settings: %s", settings)
 

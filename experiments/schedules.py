@@ -90,24 +90,6 @@ def _setting(name):
   return common.setting(FLAGS, name, PAPER, QUICK)
 
 
-def load_splits(mnist_dir, sizes, seed):
-  """Train, valid and test (x float32 [n, 784], y int32 [n]), centred with the train mean."""
-  split = "/".join(str(n) for n in sizes)
-  if mnist_dir:
-    splits = revhyper.load_mnist_idx(mnist_dir)
-    images = np.concatenate([splits["train"][0], splits["test"][0]])
-    labels = np.concatenate([splits["train"][1], splits["test"][1]])
-    note = f"Ran on full MNIST from {mnist_dir}, split train/valid/test {split}."
-  else:
-    images, labels = revhyper.load_mnist()
-    note = common.BUNDLED_DATA_NOTE + f" Split train/valid/test {split}."
-  parts = revhyper.split_data(images, labels, sizes, seed=seed)
-  mean = revhyper.pixel_mean(parts[0][0])
-  data = [(jnp.asarray(revhyper.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
-          for x, y in parts]
-  return data, note
-
-
 def leaf_names(params):
   """'W1', 'b1', 'W2', ... in the order of the parameters' leaves (layers counted from 1)."""
   names = []
@@ -303,15 +285,12 @@ def main(argv):
       initial_learning_rate=float(np.exp(FLAGS.log_learning_rate)),
       initial_momentum=FLAGS.momentum, initial_init_scale=float(np.exp(FLAGS.log_init_scale)),
       quick=FLAGS.quick)
-  if FLAGS.split:
-    split = tuple(int(v) for v in FLAGS.split)
-  elif FLAGS.quick:
-    split = QUICK_SPLIT
-  else:
-    split = IDX_SPLIT if FLAGS.mnist_dir else BUNDLED_SPLIT
+  split = common.split_sizes(FLAGS.split, FLAGS.quick, FLAGS.mnist_dir, bundled=BUNDLED_SPLIT,
+                             idx=IDX_SPLIT, quick_sizes=QUICK_SPLIT)
   settings["split"] = split
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
-  data, data_note = load_splits(FLAGS.mnist_dir, split, FLAGS.seed)
+  data, data_note = common.load_mnist_splits(FLAGS.mnist_dir, split, FLAGS.seed,
+                                             ("train", "valid", "test"))
   logging.info("%s", data_note)
   logging.info("Settings: %s", settings)
 
