@@ -109,3 +109,20 @@ def image_grid(images, rows, cols, pad=1):
     r, c = divmod(i, cols)
     grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = images[i]
   return grid
+
+
+def meta_learning_curve(history, values, final, label, ylabel="loss after training"):
+  """Starts a meta-learning curve: ``values`` (one per entry of ``history``, before that
+  meta-iteration's update), then ``final`` (after the last update), against the iteration.
+
+  Returns ``(fig, ax)`` with the axes labelled; the caller adds its own reference lines, then
+  the legend.
+  """
+  it = [r["iteration"] for r in history] + [len(history)]
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  ax.plot(it, list(values) + [final], "o-", ms=3, label=label)
+  ax.set_xlabel("meta-iteration")
+  ax.set_ylabel(ylabel)
+  ax.set_title("Meta-learning curve")
+  ax.grid(alpha=0.3)
+  return fig, ax

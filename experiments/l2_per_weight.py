@@ -145,18 +145,13 @@ def plot_penalty_maps(log_penalty_w, initial):
 
 
 def plot_meta_curve(history, final, best_uniform):
-  it = [r["iteration"] for r in history]
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  ax.plot(it + [len(history)], [r["meta_loss"] for r in history] + [final["valid_loss"]],
-          "o-", ms=3, label="validation loss (meta-objective)")
-  ax.plot(it + [len(history)], [r["aux"]["train_loss"] for r in history]
-          + [final["train_loss"]], "s-", ms=3, label="training loss")
+  fig, ax = common.meta_learning_curve(history, [r["meta_loss"] for r in history],
+                                       final["valid_loss"], "validation loss (meta-objective)")
+  ax.plot([r["iteration"] for r in history] + [len(history)],
+          [r["aux"]["train_loss"] for r in history] + [final["train_loss"]], "s-", ms=3,
+          label="training loss")
   ax.axhline(best_uniform["valid_loss"], color="0.4", ls="--", lw=1,
              label=f"validation loss, best uniform penalty (e^{best_uniform['log_penalty']:g})")
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("loss after training")
-  ax.set_title("Meta-learning curve")
-  ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return fig
 
@@ -225,7 +220,8 @@ def main(argv):
       wall_seconds=time.time() - start)
   common.save_results(out_dir, results)
   common.save_figure(plot_penalty_maps(w_log, FLAGS.log_penalty), out_dir, "penalty_maps.png")
-  common.save_figure(plot_meta_curve(result.history, after, best_uniform), out_dir, "meta_learning_curve.png")
+  common.save_figure(plot_meta_curve(result.history, after, best_uniform), out_dir,
+                     "meta_learning_curve.png")
   logging.info("Wrote %s (%.1f s)", out_dir, time.time() - start)
 
 

@@ -136,15 +136,9 @@ def plot_images(images):
 
 
 def plot_meta_curve(history, after):
-  it = [r["iteration"] for r in history]
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  ax.plot(it + [len(history)], [r["meta_loss"] for r in history] + [after["valid_loss"]],
-          "o-", ms=3, label="validation loss (meta-objective)")
+  fig, ax = common.meta_learning_curve(history, [r["meta_loss"] for r in history],
+                                       after["valid_loss"], "validation loss (meta-objective)")
   ax.axhline(after["test_loss"], color="C1", ls="--", lw=1, label="test loss after learning")
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("loss after training")
-  ax.set_title("Meta-learning curve")
-  ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return fig
 

@@ -330,19 +330,13 @@ def plot_coupling(lam, c, task_names, initial_coupling):
 
 
 def plot_meta_curve(history, learned, tied, separate):
-  it = [r["iteration"] for r in history]
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  ax.plot(it + [len(history)],
-          [r["aux"]["valid_nll"] for r in history] + [learned["mean_valid_nll"]],
-          "o-", ms=3, label="validation NLL (the meta-objective / examples)")
+  fig, ax = common.meta_learning_curve(
+      history, [r["aux"]["valid_nll"] for r in history], learned["mean_valid_nll"],
+      "validation NLL (the meta-objective / examples)", ylabel="mean NLL over tasks")
   ax.axhline(separate["mean_test_nll"], color="C3", ls=":", label="test NLL, separate")
   ax.axhline(tied["mean_test_nll"], color="C2", ls="--", label="test NLL, tied")
   ax.axhline(learned["mean_test_nll"], color="C1", ls="-.", label="test NLL, learned")
-  ax.set_xlabel("meta-iteration")
   ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-  ax.set_ylabel("mean NLL over tasks")
-  ax.set_title("Meta-learning curve")
-  ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return fig
 

@@ -226,15 +226,10 @@ def plot_schedule_grid(names, schedules, initial, ylabel, title):
 
 def plot_meta_curve(history, final_train_loss):
   """Losses after training against meta-iterations (figure 4)."""
-  it = [r["iteration"] for r in history]
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  ax.plot(it + [len(history)], [r["meta_loss"] for r in history] + [final_train_loss], "o-",
-          ms=3, label="final training loss (meta-objective)")
-  ax.plot(it, [r["aux"]["valid_loss"] for r in history], "s-", ms=3, label="validation loss")
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("loss after training")
-  ax.set_title("Meta-learning curve")
-  ax.grid(alpha=0.3)
+  fig, ax = common.meta_learning_curve(history, [r["meta_loss"] for r in history],
+                                       final_train_loss, "final training loss (meta-objective)")
+  ax.plot([r["iteration"] for r in history], [r["aux"]["valid_loss"] for r in history], "s-",
+          ms=3, label="validation loss")
   ax.legend(fontsize=8)
   return fig
 
