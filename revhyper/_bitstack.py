@@ -22,6 +22,7 @@ new head below ``H``; a spilled head is below ``2**16 = B``, every other head is
 so in reverse a lane refills exactly when its head falls below ``B`` after the undo.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -37,9 +38,13 @@ _CHUNK_MASK = 2**CHUNK_BITS - 1
 
 
 class BitStack(NamedTuple):
-  """State of the information buffer. Fields must be used with x64 enabled."""
+  """State of the information buffer. Fields must be used with x64 enabled.
 
-  head: jax.Array  # uint64 [num_lanes], in [2**16, 2**48) between operations.
+  The lanes come in groups (one per parameter leaf) that keep their own shapes, so that the
+  per-step arithmetic needs no concatenation; only the rare renormalisation joins them.
+  """
+
+  head: list  # uint64 arrays, one per group of lanes, in [2**16, 2**48) between operations.
   tail: jax.Array  # uint32 [capacity_chunks], chunks [0, ptr) in use.
   ptr: jax.Array  # int64 [], number of chunks in use.
   overflow: jax.Array  # bool [], sticky: a spill found the tail full (its chunk was dropped).
@@ -48,10 +53,10 @@ class BitStack(NamedTuple):
   bound: jax.Array
 
 
-def empty(num_lanes, capacity_chunks):
-  """An empty bit stack: every head at ``B``, nothing in the tail."""
+def empty(lane_shapes, capacity_chunks):
+  """An empty bit stack with one group of lanes per shape: every head at ``B``, no tail."""
   return BitStack(
-      head=jnp.full((num_lanes,), 2**HEAD_LOW_BITS, jnp.uint64),
+      head=[jnp.full(shape, 2**HEAD_LOW_BITS, jnp.uint64) for shape in lane_shapes],
       tail=jnp.zeros((capacity_chunks,), jnp.uint32),
       ptr=jnp.zeros((), jnp.int64),
       overflow=jnp.zeros((), jnp.bool_),
@@ -59,9 +64,18 @@ def empty(num_lanes, capacity_chunks):
   )
 
 
+def _max_head(heads):
+  return functools.reduce(jnp.maximum, [jnp.max(h, initial=0) for h in heads])
+
+
+def _min_head(heads):
+  return functools.reduce(
+      jnp.minimum, [jnp.min(h, initial=2**HEAD_HIGH_BITS) for h in heads])
+
+
 def for_popping(stack):
   """Turns ``bound`` into a lower bound on the heads, for a run of ``divide``s."""
-  return stack._replace(bound=jnp.min(stack.head, initial=2**HEAD_HIGH_BITS).astype(jnp.float64))
+  return stack._replace(bound=_min_head(stack.head).astype(jnp.float64))
 
 
 # Relative slack on the float64 bounds, far above their rounding error (2**-52 per step), so
@@ -69,18 +83,31 @@ def for_popping(stack):
 _SLACK = 2.0**-30
 
 
-def _spill(stack, mask):
+def _join(groups):
+  return jnp.concatenate([jnp.ravel(x) for x in groups])
+
+
+def _split_like(flat, groups):
+  out, start = [], 0
+  for x in groups:
+    out.append(flat[start:start + x.size].reshape(x.shape))
+    start += x.size
+  return out
+
+
+def _spill(stack, masks):
   """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation)."""
   capacity = stack.tail.shape[0]
+  mask, head = _join(masks), _join(stack.head)
   offsets = jnp.cumsum(mask, dtype=jnp.int64) - 1
   count = offsets[-1] + 1
   # Lanes that do not spill write out of bounds, which mode="drop" discards; so does a spill
   # past the capacity, which is recorded as overflow rather than corrupting the tail.
   index = jnp.where(mask, stack.ptr + offsets, capacity)
-  chunks = (stack.head & _CHUNK_MASK).astype(jnp.uint32)
-  head = jnp.where(mask, stack.head >> CHUNK_BITS, stack.head)
+  chunks = (head & _CHUNK_MASK).astype(jnp.uint32)
+  head = jnp.where(mask, head >> CHUNK_BITS, head)
   return BitStack(
-      head=head,
+      head=_split_like(head, stack.head),
       tail=stack.tail.at[index].set(chunks, mode="drop", unique_indices=True),
       ptr=stack.ptr + count,
       overflow=stack.overflow | (stack.ptr + count > capacity),
@@ -88,14 +115,16 @@ def _spill(stack, mask):
   )
 
 
-def _refill(stack, mask):
+def _refill(stack, masks):
   """Exact inverse of ``_spill``: the masked lanes take back their chunks from the tail."""
+  mask, head = _join(masks), _join(stack.head)
   offsets = jnp.cumsum(mask, dtype=jnp.int64) - 1
   ptr = stack.ptr - (offsets[-1] + 1)
   index = jnp.where(mask, ptr + offsets, 0)
   chunks = stack.tail.at[index].get(mode="clip").astype(jnp.uint64)
-  head = jnp.where(mask, (stack.head << CHUNK_BITS) | chunks, stack.head)
-  return stack._replace(head=head, ptr=ptr, bound=jnp.min(head).astype(jnp.float64))
+  head = jnp.where(mask, (head << CHUNK_BITS) | chunks, head)
+  return stack._replace(head=_split_like(head, stack.head), ptr=ptr,
+                        bound=jnp.min(head).astype(jnp.float64))
 
 
 def floor_divmod(x, n):
@@ -106,69 +135,74 @@ def floor_divmod(x, n):
   return q - low.astype(jnp.int64), jnp.where(low, r + n, r)
 
 
-def multiply(stack, v, numerator, min_numerator):
+def multiply(stack, values, numerators, min_numerator):
   """Exact, invertible ``v -> v * n / d``: push ``v mod d`` (base d), pop base ``n``.
 
   Args:
     stack: the ``BitStack`` (its ``bound`` an upper bound on the heads).
-    v: int64 [num_lanes], the values to scale (any sign; floor division and modulo).
-    numerator: uint64 [num_lanes], ``n`` in ``[1, d]`` per lane.
-    min_numerator: float64 [], the smallest entry of ``numerator``.
+    values: int64 arrays shaped like the stack's head groups, the values to scale (any sign;
+      floor division and modulo).
+    numerators: one uint64 ``n`` in ``[1, d]`` per group, a scalar or an array that
+      broadcasts against it.
+    min_numerator: float64 [], the smallest numerator.
 
   Returns:
-    ``(stack, v')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
+    ``(stack, values')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
   """
   # Before: head in [B, H). Spill where head >= 2**32 * n, so that afterwards head < 2**32 * n,
   # and head >= n everywhere (a spilled head was >= 2**32 * n; others are >= B >= n). While
-  # the bound shows that no head is near a threshold, the mask, its reduction and the scatter
-  # are skipped: spills cluster in a few steps, since all heads grow at the same rate.
+  # the bound shows that no head is near a threshold, the masks, the scan and the scatter are
+  # skipped: spills cluster in a few steps, since all heads grow at the same rate.
   may_spill = stack.bound >= min_numerator * 2.0**CHUNK_BITS
   stack = jax.lax.cond(
-      may_spill, lambda st: _spill(st, st.head >= (numerator << CHUNK_BITS)), lambda st: st,
-      stack)
-  remainder = (v & (DENOMINATOR - 1)).astype(jnp.uint64)  # floor modulo by d = 2**16
-  quotient = v >> DENOMINATOR_BITS  # floor division by d (arithmetic shift)
-  # s < 2**32 * n * d <= 2**64: no uint64 overflow.
-  s = stack.head * DENOMINATOR + remainder
-  head = s // numerator  # unsigned: floor
-  popped = (s - head * numerator).astype(jnp.int64)
-  # head' = floor(s / n) >= head * d / n >= d = B, and < 2**32 * d = H.
-  v = quotient * numerator.astype(jnp.int64) + popped
+      may_spill,
+      lambda st: _spill(st, [h >= (n << CHUNK_BITS) for h, n in zip(st.head, numerators)]),
+      lambda st: st, stack)
+  heads, out = [], []
+  for head, v, n in zip(stack.head, values, numerators):
+    remainder = (v & (DENOMINATOR - 1)).astype(jnp.uint64)  # floor modulo by d = 2**16
+    quotient = v >> DENOMINATOR_BITS  # floor division by d (arithmetic shift)
+    s = head * DENOMINATOR + remainder  # < 2**32 * n * d <= 2**64: no uint64 overflow.
+    head = s // n  # unsigned: floor. head' = floor(s / n) >= head * d / n >= d = B, < H.
+    heads.append(head)
+    out.append(quotient * n.astype(jnp.int64) + (s - head * n).astype(jnp.int64))
   # head' <= (head + 1) * d / n.
   bound = (stack.bound + 1) * (DENOMINATOR / min_numerator) * (1 + _SLACK)
-  return stack._replace(head=head, bound=bound), v
+  return stack._replace(head=heads, bound=bound), out
 
 
-def divide(stack, v, numerator, min_numerator):
+def divide(stack, values, numerators, min_numerator):
   """Exact inverse of ``multiply``: pop the remainder back, push the popped base-``n`` symbol.
 
   ``stack.bound`` must be a lower bound on the heads (``for_popping``).
   """
-  quotient, popped = floor_divmod(v, numerator.astype(jnp.int64))  # popped in [0, n)
-  # head in [B, H) and n <= 2**16: s < 2**64.
-  s = stack.head * numerator + popped.astype(jnp.uint64)
-  remainder = (s & (DENOMINATOR - 1)).astype(jnp.int64)
-  head = s >> DENOMINATOR_BITS
-  v = quotient * DENOMINATOR + remainder
+  heads, out = [], []
+  for head, v, n in zip(stack.head, values, numerators):
+    quotient, popped = floor_divmod(v, n.astype(jnp.int64))  # popped in [0, n)
+    s = head * n + popped.astype(jnp.uint64)  # head in [B, H), n <= 2**16: s < 2**64.
+    heads.append(s >> DENOMINATOR_BITS)
+    out.append(quotient * DENOMINATOR + (s & (DENOMINATOR - 1)).astype(jnp.int64))
   # head = floor(s / d) >= head' * n / d - 1.
   bound = (stack.bound * (min_numerator / DENOMINATOR) - 1) * (1 - _SLACK)
-  stack = stack._replace(head=head, bound=bound)
+  stack = stack._replace(head=heads, bound=bound)
   # A lane spilled in the forward step exactly when its head is now below B.
-  may_refill = bound < 2.0**HEAD_LOW_BITS
   stack = jax.lax.cond(
-      may_refill, lambda st: _refill(st, st.head < 2**HEAD_LOW_BITS), lambda st: st, stack)
-  return stack, v
+      bound < 2.0**HEAD_LOW_BITS,
+      lambda st: _refill(st, [h < 2**HEAD_LOW_BITS for h in st.head]),
+      lambda st: st, stack)
+  return stack, out
 
 
 def stored_bits(stack):
   """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane."""
-  head_bits = jnp.sum(jnp.log2(stack.head.astype(jnp.float64)) - HEAD_LOW_BITS)
+  head_bits = sum(jnp.sum(jnp.log2(h.astype(jnp.float64)) - HEAD_LOW_BITS) for h in stack.head)
   return stack.ptr.astype(jnp.float64) * CHUNK_BITS + head_bits
 
 
 def is_empty(stack):
   """True when every head is back at ``B`` and the tail holds nothing."""
-  return (stack.ptr == 0) & jnp.all(stack.head == 2**HEAD_LOW_BITS)
+  empty_heads = [jnp.all(h == 2**HEAD_LOW_BITS) for h in stack.head]
+  return functools.reduce(jnp.logical_and, empty_heads, stack.ptr == 0)
 
 
 def information_bits(numerators):

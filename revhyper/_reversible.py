@@ -36,7 +36,7 @@ from revhyper import _fixed_point
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Static description of the parameter pytree, flattened into one vector of lanes."""
+  """Static description of the parameter leaves: their shapes and dtypes."""
 
   treedef: Any
   shapes: tuple
@@ -55,22 +55,6 @@ class Layout:
   @property
   def num_lanes(self):
     return sum(self.sizes)
-
-  def split(self, flat):
-    """Static slices of a flat vector, reshaped like the parameter leaves."""
-    out, start = [], 0
-    for size, shape in zip(self.sizes, self.shapes):
-      out.append(flat[start:start + size].reshape(shape))
-      start += size
-    return out
-
-  def concat(self, leaves):
-    return jnp.concatenate([jnp.ravel(x) for x in leaves]) if leaves else jnp.zeros((0,))
-
-  def per_lane(self, leaf_values, dtype):
-    """Broadcasts one scalar per leaf to every lane of that leaf."""
-    return jnp.concatenate(
-        [jnp.full((size,), value, dtype) for size, value in zip(self.sizes, leaf_values)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +76,10 @@ class Config:
 class State(NamedTuple):
   """The exact training state."""
 
-  w: jax.Array  # int64 [num_lanes], weights on the 2**-48 grid.
-  v: jax.Array  # int64 [num_lanes], velocities on the same grid.
-  stack: _bitstack.BitStack
-  in_range: jax.Array  # bool [num_lanes], sticky: False once a lane left the exact range.
+  w: list  # int64 arrays shaped like the parameter leaves: weights on the 2**-48 grid.
+  v: list  # int64 arrays likewise: velocities on the same grid.
+  stack: _bitstack.BitStack  # one group of lanes per parameter leaf
+  in_range: list  # bool arrays likewise, sticky: False once a weight left the exact range.
 
 
 class Steps(NamedTuple):
@@ -186,44 +170,57 @@ def _weight_increment(alpha, v_leaves):
   return [a * x.astype(_fixed_point.compute_dtype(x.dtype)) for a, x in zip(alpha, v_leaves)]
 
 
-def _numerators(config, gamma):
-  """Per-lane numerators ``n = gamma * 2**16`` (uint64) and their minimum (float64)."""
+def _numerators(gamma):
+  """Per-leaf numerators ``n = gamma * 2**16`` (uint64 scalars) and their minimum (float64)."""
   n = [jnp.round(c.astype(jnp.float64) * _bitstack.DENOMINATOR) for c in gamma]
-  return config.layout.per_lane(n, jnp.uint64), jnp.min(jnp.stack(n))
+  return [x.astype(jnp.uint64) for x in n], jnp.min(jnp.stack(n))
 
 
 def _float_leaves(config, x):
-  return [_fixed_point.to_float(x, dtype)
-          for x, dtype in zip(config.layout.split(x), config.layout.dtypes)]
+  return [_fixed_point.to_float(x, dtype) for x, dtype in zip(x, config.layout.dtypes)]
+
+
+def _add(x, increments):
+  """``_fixed_point.add`` leaf by leaf; returns ``(ints, in_range masks)``."""
+  pairs = [_fixed_point.add(a, b) for a, b in zip(x, increments)]
+  return [a for a, _ in pairs], [ok for _, ok in pairs]
+
+
+def _subtract(x, increments):
+  pairs = [_fixed_point.subtract(a, b) for a, b in zip(x, increments)]
+  return [a for a, _ in pairs], [ok for _, ok in pairs]
+
+
+def _and(*masks):
+  return [functools.reduce(jnp.logical_and, group) for group in zip(*masks)]
 
 
 def _forward_step(config, hparams, form, state, step):
   t, alpha, gamma = step
-  layout = config.layout
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, t, form)
-  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(config, gamma))
-  v, v_ok = _fixed_point.subtract(v, layout.concat(_velocity_increment(gamma, g)))
+  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(gamma))
+  v, v_ok = _subtract(v, _velocity_increment(gamma, g))
   v_leaves = _float_leaves(config, v)
-  w, w_ok = _fixed_point.add(state.w, layout.concat(_weight_increment(alpha, v_leaves)))
+  w, w_ok = _add(state.w, _weight_increment(alpha, v_leaves))
   # The states entering the two additions are in range and so are the increments: no sum
   # wrapped. (The multiply only shrinks |v|.) The final state is checked after the loop.
-  states_ok = layout.concat(
-      [_fixed_point.in_range(x) & _fixed_point.in_range(y) for x, y in zip(w_leaves, v_leaves)])
-  return State(w, v, stack, state.in_range & v_ok & w_ok & states_ok)
+  states_ok = [_fixed_point.in_range(x) & _fixed_point.in_range(y)
+               for x, y in zip(w_leaves, v_leaves)]
+  return State(w, v, stack, _and(state.in_range, v_ok, w_ok, states_ok))
 
 
 def _undo_position(config, state, alpha):
   """Undoes ``w_{t+1} = w_t + alpha_t * v_{t+1}``; returns ``(w_t int, w_t, v_{t+1})``."""
   v_next = _float_leaves(config, state.v)
-  w, _ = _fixed_point.subtract(state.w, config.layout.concat(_weight_increment(alpha, v_next)))
+  w, _ = _subtract(state.w, _weight_increment(alpha, v_next))
   return w, _float_leaves(config, w), v_next
 
 
 def _undo_velocity(config, state, w, g, gamma):
   """Undoes ``v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t`` given the recomputed ``g_t``."""
-  v, _ = _fixed_point.add(state.v, config.layout.concat(_velocity_increment(gamma, g)))
-  stack, v = _bitstack.divide(state.stack, v, *_numerators(config, gamma))
+  v, _ = _add(state.v, _velocity_increment(gamma, g))
+  stack, v = _bitstack.divide(state.stack, v, *_numerators(gamma))
   return State(w, v, stack, state.in_range)
 
 
@@ -246,14 +243,13 @@ def velocity_update(v, g, gamma):
 
 
 def _initial_state(config, params, velocity):
-  layout = config.layout
   w_parts = [_fixed_point.to_fixed(x) for x in params]
   v_parts = [_fixed_point.to_fixed(x) for x in velocity]
   return State(
-      w=layout.concat([x for x, _ in w_parts]).astype(jnp.int64),
-      v=layout.concat([x for x, _ in v_parts]).astype(jnp.int64),
-      stack=_bitstack.empty(layout.num_lanes, config.capacity_chunks),
-      in_range=layout.concat([a & b for (_, a), (_, b) in zip(w_parts, v_parts)]),
+      w=[x for x, _ in w_parts],
+      v=[x for x, _ in v_parts],
+      stack=_bitstack.empty(config.layout.shapes, config.capacity_chunks),
+      in_range=[a & b for (_, a), (_, b) in zip(w_parts, v_parts)],
   )
 
 
@@ -305,7 +301,7 @@ def _stats(config, state, gamma, invalid, params_out, velocity_out):
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
-      fixed_point_overflow=jnp.logical_not(jnp.all(state.in_range)),
+      fixed_point_overflow=jnp.logical_not(_all_equal(state.in_range, [True] * len(state.w))),
       buffer_overflow=state.stack.overflow,
       invalid_hyperparameters=invalid,
       non_finite=any_non_finite(params_out, velocity_out),
@@ -338,9 +334,9 @@ def _forward(config, params, velocity, hparams, steps, invalid, form):
     state, _ = jax.lax.scan(step_fn, state, tuple(steps))
     params_out = _float_leaves(config, state.w)
     velocity_out = _float_leaves(config, state.v)
-    final_ok = config.layout.concat([_fixed_point.in_range(x) & _fixed_point.in_range(y)
-                                     for x, y in zip(params_out, velocity_out)])
-    state = state._replace(in_range=state.in_range & final_ok)
+    final_ok = [_fixed_point.in_range(x) & _fixed_point.in_range(y)
+                for x, y in zip(params_out, velocity_out)]
+    state = state._replace(in_range=_and(state.in_range, final_ok))
     stats = _stats(config, state, steps.gamma, invalid, params_out, velocity_out)
   _check(config, stats)
   return params_out, velocity_out, stats, state
@@ -417,10 +413,16 @@ def _run_bwd(config, residuals, cotangents):
   return dw, dv, dhparams, dsteps, np.zeros((), jax.dtypes.float0)
 
 
+def _all_equal(xs, ys):
+  """A bool scalar: the two lists of arrays are equal element for element."""
+  return functools.reduce(jnp.logical_and, [jnp.all(x == y) for x, y in zip(xs, ys)],
+                          jnp.ones((), jnp.bool_))
+
+
 def _check_reconstruction(config, state, initial):
   with jax.enable_x64(True):
     reference = _initial_state(config, *initial)
-    exact = (jnp.all(state.w == reference.w) & jnp.all(state.v == reference.v)
+    exact = (_all_equal(state.w, reference.w) & _all_equal(state.v, reference.v)
              & _bitstack.is_empty(state.stack))
   _errors.raise_if(
       jnp.logical_not(exact),
@@ -462,7 +464,7 @@ def train_and_reverse(config, params, velocity, hparams, steps, invalid):
     state = state._replace(stack=_bitstack.for_popping(state.stack))
     rebuilt, _ = jax.lax.scan(body, state, tuple(steps), reverse=True)
     empty = _bitstack.is_empty(rebuilt.stack)
-    exact = jnp.all(rebuilt.w == initial.w) & jnp.all(rebuilt.v == initial.v) & empty
+    exact = _all_equal(rebuilt.w, initial.w) & _all_equal(rebuilt.v, initial.v) & empty
     reconstruction = Reconstruction(
         params=_float_leaves(config, rebuilt.w),
         velocity=_float_leaves(config, rebuilt.v),

@@ -11,29 +11,37 @@ from revhyper import _bitstack
 D = _bitstack.DENOMINATOR
 
 
-def _run(v, numerators, capacity_chunks):
-  """Multiplies by every n_t in turn, then divides back; returns the states along the way."""
+def _run(v, numerators, capacity_chunks, groups=1):
+  """Multiplies by every n_t in turn, then divides back; returns the states along the way.
+
+  The lanes are cut into ``groups`` groups (like parameter leaves) with numerators n_t,
+  n_t - 1, ... (at least 1), so that groups spill at different steps.
+  """
   numerators = np.asarray(numerators, np.uint64)
 
   @jax.jit
   def go(v):
-    stack = _bitstack.empty(v.shape[0], capacity_chunks)
-    lanes = jnp.ones_like(v, dtype=jnp.uint64)
+    values = jnp.array_split(v, groups)
+    stack = _bitstack.empty([x.shape for x in values], capacity_chunks)
+
+    def per_group(n):
+      ns = [jnp.maximum(n - k, 1).astype(jnp.uint64) for k in range(groups)]
+      return ns, jnp.min(jnp.stack(ns)).astype(jnp.float64)
 
     def forward(carry, n):
-      stack, v = carry
-      return _bitstack.multiply(stack, v, lanes * n, n.astype(jnp.float64)), None
+      stack, values = carry
+      return _bitstack.multiply(stack, values, *per_group(n)), None
 
-    (stack, w), _ = jax.lax.scan(forward, (stack, v), numerators)
+    (stack, w), _ = jax.lax.scan(forward, (stack, values), numerators)
     pushed = stack
 
     def backward(carry, n):
-      stack, v = carry
-      return _bitstack.divide(stack, v, lanes * n, n.astype(jnp.float64)), None
+      stack, values = carry
+      return _bitstack.divide(stack, values, *per_group(n)), None
 
-    popped, _ = jax.lax.scan(
+    (popped, back), _ = jax.lax.scan(
         backward, (_bitstack.for_popping(stack), w), numerators, reverse=True)
-    return pushed, w, popped
+    return pushed, jnp.concatenate(w), (popped, jnp.concatenate(back))
 
   with jax.enable_x64(True):
     return go(jnp.asarray(v, jnp.int64))
@@ -60,12 +68,12 @@ def test_divide_inverts_multiply_bit_for_bit(n):
     assert bool(jnp.all(jnp.abs(w) <= jnp.abs(jnp.asarray(v)) + n))
 
 
-def test_random_momentum_schedule_round_trips():
+def test_random_momentum_schedule_round_trips_over_several_groups():
   rng = np.random.default_rng(7)
-  numerators = rng.integers(1, D + 1, size=500)
+  numerators = rng.integers(4, D + 1, size=500)
   v = _signed_values(3, 64)
-  capacity = v.size * _bitstack.max_chunks_per_lane(numerators)
-  pushed, _, (stack, back) = _run(v, numerators, capacity)
+  capacity = v.size * _bitstack.max_chunks_per_lane(np.maximum(numerators - 3, 1))
+  pushed, _, (stack, back) = _run(v, numerators, capacity, groups=4)
   with jax.enable_x64(True):
     chex.assert_trees_all_equal(back, jnp.asarray(v))
     assert bool(_bitstack.is_empty(stack)) and not bool(pushed.overflow)
