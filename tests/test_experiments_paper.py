@@ -11,19 +11,14 @@ launchers start together and share the 2 cores, so the file's wall time is about
 slowest one rather than their sum.
 """
 
-import json
 import math
-import os
-import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from launchers import assert_finite, assert_png, read_results, start_launcher
+
 TIMEOUT_S = 240
 
 TINY = {
@@ -78,9 +73,7 @@ def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp(name)
     err = open(out_dir.parent / f"{name}.stderr", "w+")
     script = name.split("_omniglot")[0]
-    proc = subprocess.Popen(
-        [sys.executable, str(EXPERIMENTS / f"{script}.py"), f"--out_dir={out_dir}", *flags],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    proc = start_launcher(f"{script}.py", out_dir, flags, stdout=subprocess.DEVNULL, stderr=err)
     started[name] = (out_dir, proc, err)
   done = {}
   for name, (out_dir, proc, err) in started.items():
@@ -98,25 +91,7 @@ def runs(tmp_path_factory):
 def load(runs, name):
   out_dir, returncode, stderr = runs[name]
   assert returncode == 0, stderr[-4000:]
-  with open(os.path.join(out_dir, "results.json")) as f:
-    return out_dir, json.load(f)
-
-
-def assert_finite(tree, where="results"):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      assert_finite(v, f"{where}.{k}")
-  elif isinstance(tree, list):
-    for i, v in enumerate(tree):
-      assert_finite(v, f"{where}[{i}]")
-  elif isinstance(tree, float):
-    assert math.isfinite(tree), where
-
-
-def assert_png(path):
-  data = pathlib.Path(path).read_bytes()
-  assert data[:8] == PNG_SIGNATURE, path
-  assert len(data) > 10_000, f"{path} is only {len(data)} bytes"
+  return out_dir, read_results(out_dir)
 
 
 def assert_keys(results, keys):

@@ -8,19 +8,16 @@ first test starts, and the tests collect them: the file takes about as long as i
 chain of runs, not the sum of all of them.
 """
 
-import json
-import math
 import re
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
+from launchers import (EXPERIMENTS, REPO, assert_finite, assert_png, finish, read_results,
+                       start_launcher)
+
 NOTEBOOK = EXPERIMENTS / "explore.ipynb"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 600  # generous: compilation on a loaded 2-core machine
 
 SCHEDULES_TINY = ["--quick", "--layer_sizes=784,10,10", "--num_steps=5", "--batch_size=50",
@@ -39,24 +36,8 @@ nbformat.write(nb, sys.argv[2])
 """
 
 
-def start_launcher(script, out_dir, flags):
-  return subprocess.Popen(
-      [sys.executable, str(EXPERIMENTS / script), f"--out_dir={out_dir}", *flags], cwd=REPO,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc):
-  output, _ = proc.communicate(timeout=TIMEOUT_S)
-  assert proc.returncode == 0, output[-4000:]
-
-
-def read_results(out_dir):
-  with open(pathlib.Path(out_dir) / "results.json") as f:
-    return json.load(f)
-
-
 def run_launcher(script, out_dir, flags):
-  finish(start_launcher(script, out_dir, flags))
+  finish(start_launcher(script, out_dir, flags), TIMEOUT_S)
   return read_results(out_dir)
 
 
@@ -90,25 +71,8 @@ def background(request, tmp_path_factory):
 def started(request, background):
   """This test's run started by ``background``, once it has finished: its path."""
   proc, path = background[request.node.name]
-  finish(proc)
+  finish(proc, TIMEOUT_S)
   return path
-
-
-def assert_finite(tree, where="results"):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      assert_finite(v, f"{where}.{k}")
-  elif isinstance(tree, list):
-    for i, v in enumerate(tree):
-      assert_finite(v, f"{where}[{i}]")
-  elif isinstance(tree, float):
-    assert math.isfinite(tree), where
-
-
-def assert_png(path):
-  data = pathlib.Path(path).read_bytes()
-  assert data[:8] == PNG_SIGNATURE, path
-  assert len(data) > 10_000, f"{path} is only {len(data)} bytes"
 
 
 @pytest.fixture(scope="module")
