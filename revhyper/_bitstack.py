@@ -64,10 +64,6 @@ def empty(lane_shapes, capacity_chunks):
   )
 
 
-def _max_head(heads):
-  return functools.reduce(jnp.maximum, [jnp.max(h, initial=0) for h in heads])
-
-
 def _min_head(heads):
   return functools.reduce(
       jnp.minimum, [jnp.min(h, initial=2**HEAD_HIGH_BITS) for h in heads])
