@@ -199,37 +199,37 @@ class Problem:
 
   def __init__(self, cfg):
     self.cfg = cfg
-    images, labels = revhyper.load_mnist()
+    images, labels = revhyper.datasets.load_mnist()
     n_train, n_val = cfg["num_train"], cfg["num_val"]
-    mean = revhyper.pixel_mean(images[:n_train])
+    mean = revhyper.datasets.pixel_mean(images[:n_train])
     # Closed over by the losses, so the data are constants of every compiled program alike;
-    # each minibatch is a pure function of the step (revhyper.batch_indices).
-    self.x_train = jnp.asarray(revhyper.preprocess(images[:n_train], mean))
+    # each minibatch is a pure function of the step (revhyper.datasets.batch_indices).
+    self.x_train = jnp.asarray(revhyper.datasets.preprocess(images[:n_train], mean))
     self.y_train = jnp.asarray(labels[:n_train], jnp.int32)
-    self.x_val = jnp.asarray(revhyper.preprocess(images[n_train:n_train + n_val], mean))
+    self.x_val = jnp.asarray(revhyper.datasets.preprocess(images[n_train:n_train + n_val], mean))
     self.y_val = jnp.asarray(labels[n_train:n_train + n_val], jnp.int32)
     key = jax.random.key(cfg["seed"])
-    self.noise = revhyper.mlp_noise(jax.random.fold_in(key, 0), cfg["sizes"])
+    self.noise = revhyper.models.mlp_noise(jax.random.fold_in(key, 0), cfg["sizes"])
     self.batch_key = jax.random.fold_in(key, 1)
     self.num_weights = sum(int(x.size) for x in jax.tree.leaves(self.noise))
     self.hparams = {
-        "log_learning_rate": revhyper.constant_like(
+        "log_learning_rate": revhyper.hyper.constant_like(
             self.noise, math.log(cfg["learning_rate"]), jnp.float32),
-        "log_init_scale": revhyper.constant_like(
+        "log_init_scale": revhyper.hyper.constant_like(
             self.noise, math.log(cfg["init_scale"]), jnp.float32),
         "log_l2": jnp.float32(math.log(cfg["l2"])),
     }
     if cfg["tune_momentum"]:
-      self.hparams["logit_momentum"] = jnp.float32(revhyper.logit(cfg["momentum"]))
+      self.hparams["logit_momentum"] = jnp.float32(revhyper.hyper.logit(cfg["momentum"]))
     self.momentum_numerator = round(cfg["momentum"] * MOMENTUM_GRID)
     self.bound_bits = math.log2(MOMENTUM_GRID / self.momentum_numerator)
 
   def train_loss(self, params, log_l2, t):
-    idx = revhyper.batch_indices(self.batch_key, t, self.cfg["num_train"],
+    idx = revhyper.datasets.batch_indices(self.batch_key, t, self.cfg["num_train"],
                                  self.cfg["batch_size"])
-    logits = revhyper.mlp_apply(params, self.x_train[idx])
+    logits = revhyper.models.mlp_apply(params, self.x_train[idx])
     penalty = sum(jnp.sum(layer["W"] ** 2) for layer in params)
-    return revhyper.softmax_cross_entropy(logits, self.y_train[idx]) + jnp.exp(log_l2) * penalty
+    return revhyper.models.softmax_cross_entropy(logits, self.y_train[idx]) + jnp.exp(log_l2) * penalty
 
   def sgd_method(self, name):
     if name in ("unroll", "forward_float"):
@@ -246,17 +246,17 @@ class Problem:
 
   def meta(self, hparams, name, num_steps):
     """Validation loss after num_steps of training, and the run's statistics."""
-    params = revhyper.mlp_init_from_noise(self.noise, hparams["log_init_scale"])
+    params = revhyper.models.mlp_init_from_noise(self.noise, hparams["log_init_scale"])
     if "logit_momentum" in hparams:
-      momentum = revhyper.momentum_from_logit(hparams["logit_momentum"])
+      momentum = revhyper.hyper.momentum_from_logit(hparams["logit_momentum"])
     else:
       momentum = self.cfg["momentum"]
     out = revhyper.sgd(
         self.train_loss, params, hparams["log_l2"], num_steps=num_steps,
-        learning_rate=revhyper.learning_rate_from_log(hparams["log_learning_rate"]),
+        learning_rate=revhyper.hyper.learning_rate_from_log(hparams["log_learning_rate"]),
         momentum=momentum, method=self.sgd_method(name))
-    logits = revhyper.mlp_apply(out.params, self.x_val)
-    return revhyper.softmax_cross_entropy(logits, self.y_val), out.stats
+    logits = revhyper.models.mlp_apply(out.params, self.x_val)
+    return revhyper.models.softmax_cross_entropy(logits, self.y_val), out.stats
 
   def function(self, name, num_steps):
     """The jitted function measured for a method: a hypergradient, or training alone."""

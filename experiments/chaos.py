@@ -96,30 +96,30 @@ def _setting(name):
 
 def load_train(mnist_dir, num_train, seed):
   if mnist_dir:
-    images, labels = revhyper.load_mnist_idx(mnist_dir)["train"]
+    images, labels = revhyper.datasets.load_mnist_idx(mnist_dir)["train"]
     note = f"Ran on {num_train} digits of full MNIST from {mnist_dir}."
   else:
-    images, labels = revhyper.load_mnist()
+    images, labels = revhyper.datasets.load_mnist()
     note = (common.BUNDLED_DATA_NOTE
             + f" This sweep uses {num_train} of them, as many as the paper's.")
-  (x, y), = revhyper.split_data(images, labels, (num_train,), seed=seed)
-  x = revhyper.preprocess(x, revhyper.pixel_mean(x))
+  (x, y), = revhyper.datasets.split_data(images, labels, (num_train,), seed=seed)
+  x = revhyper.datasets.preprocess(x, revhyper.datasets.pixel_mean(x))
   return jnp.asarray(x), jnp.asarray(y, jnp.int32), note
 
 
 def make_sweep(x, y, layer_sizes, num_steps, batch_size, momentum, log_init_scale, seed):
   """Returns ``sweep(log_rates [n]) -> (loss [n], hypergradient [n], Stats of [n] arrays)``."""
   init_key, batch_key = jax.random.split(jax.random.key(seed))
-  params0 = revhyper.mlp_init(init_key, layer_sizes, scale=float(np.exp(log_init_scale)))
+  params0 = revhyper.models.mlp_init(init_key, layer_sizes, scale=float(np.exp(log_init_scale)))
   num_train = int(x.shape[0])
   # No checks: a diverging learning rate must not stop the sweep; its stats say it failed.
   method = revhyper.Reversible(checks=False)
 
   def loss(params, xs, ys):
-    return revhyper.softmax_cross_entropy(revhyper.mlp_apply(params, xs), ys)
+    return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, xs), ys)
 
   def batch_loss(params, _, t):
-    idx = revhyper.batch_indices(batch_key, t, num_train, batch_size)
+    idx = revhyper.datasets.batch_indices(batch_key, t, num_train, batch_size)
     return loss(params, x[idx], y[idx])
 
   def final_loss(log_rate):

@@ -39,16 +39,16 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes, for a smoke test.")
 
 
 def make_problem(sizes, batch):
-  images, labels = revhyper.load_mnist()
-  mean = revhyper.pixel_mean(images)
-  x = jnp.asarray(revhyper.preprocess(images, mean))
+  images, labels = revhyper.datasets.load_mnist()
+  mean = revhyper.datasets.pixel_mean(images)
+  x = jnp.asarray(revhyper.datasets.preprocess(images, mean))
   y = jnp.asarray(labels, jnp.int32)
   key = jax.random.PRNGKey(0)
-  params = revhyper.mlp_init(key, sizes, scale=float(np.exp(-3)))
+  params = revhyper.models.mlp_init(key, sizes, scale=float(np.exp(-3)))
 
   def loss_fn(w, l2, t):
-    idx = revhyper.batch_indices(key, t, x.shape[0], batch)
-    nll = revhyper.softmax_cross_entropy(revhyper.mlp_apply(w, x[idx]), y[idx])
+    idx = revhyper.datasets.batch_indices(key, t, x.shape[0], batch)
+    nll = revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(w, x[idx]), y[idx])
     return nll + l2 * sum(jnp.sum(layer["W"] ** 2) for layer in w)
 
   return params, loss_fn

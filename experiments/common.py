@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import revhyper  # noqa: E402
 
 BUNDLED_DATA_NOTE = (
-    "Ran on the 10,000 bundled MNIST digits (revhyper.load_mnist()), fewer than the paper's "
+    "Ran on the 10,000 bundled MNIST digits (revhyper.datasets.load_mnist()), fewer than the paper's "
     "splits; pass --mnist_dir with the four MNIST IDX files for the full data set.")
 
 
@@ -43,7 +43,7 @@ def split_sizes(split_flag, quick, mnist_dir, *, bundled, idx, quick_sizes):
 def load_mnist_splits(mnist_dir, sizes, seed, names):
   """Disjoint random splits of MNIST of ``sizes``, centred with the mean of the first.
 
-  The digits are the bundled 10,000 (``revhyper.load_mnist()``), or with ``mnist_dir`` the
+  The digits are the bundled 10,000 (``revhyper.datasets.load_mnist()``), or with ``mnist_dir`` the
   full 70,000 of the four IDX files there. ``names`` names the splits in the note, e.g.
   ``("train", "valid")``. Returns ``(data, note)``: data is one ``(x float32 [n, 784],
   y int32 [n])`` per split; the note says which data the run used.
@@ -51,16 +51,16 @@ def load_mnist_splits(mnist_dir, sizes, seed, names):
   split = "/".join(str(n) for n in sizes)
   names = "/".join(names)
   if mnist_dir:
-    splits = revhyper.load_mnist_idx(mnist_dir)
+    splits = revhyper.datasets.load_mnist_idx(mnist_dir)
     images = np.concatenate([splits["train"][0], splits["test"][0]])
     labels = np.concatenate([splits["train"][1], splits["test"][1]])
     note = f"Ran on full MNIST from {mnist_dir}, split {names} {split}."
   else:
-    images, labels = revhyper.load_mnist()
+    images, labels = revhyper.datasets.load_mnist()
     note = BUNDLED_DATA_NOTE + f" Split {names} {split}."
-  parts = revhyper.split_data(images, labels, sizes, seed=seed)
-  mean = revhyper.pixel_mean(parts[0][0])
-  data = [(jnp.asarray(revhyper.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
+  parts = revhyper.datasets.split_data(images, labels, sizes, seed=seed)
+  mean = revhyper.datasets.pixel_mean(parts[0][0])
+  data = [(jnp.asarray(revhyper.datasets.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
           for x, y in parts]
   return data, note
 

@@ -2,7 +2,7 @@
 
 Reproduces figure 8 of Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter
 Optimization through Reversible Learning" (ICML 2015): logistic regression on MNIST (a
-784-10 softmax layer, ``revhyper.mlp_*`` with no hidden layer) is trained with a separate L2
+784-10 softmax layer, ``revhyper.models.mlp_*`` with no hidden layer) is trained with a separate L2
 penalty on each of its 7850 weights and biases, and meta-optimisation tunes all 7850 penalties
 on the validation loss with exact hypergradients from training run backwards. The learned
 penalties of each class's 784 input weights, drawn as 28x28 images, show which pixels the
@@ -96,10 +96,10 @@ def make_problem(data, num_steps, batch_size, learning_rate, momentum, seed):
               "b": jnp.zeros((NUM_CLASSES,), jnp.float32)}]
 
   def nll(params, x, y):
-    return revhyper.softmax_cross_entropy(revhyper.mlp_apply(params, x), y)
+    return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, x), y)
 
   def train_loss(params, log_penalty, t):
-    idx = revhyper.batch_indices(batch_key, t, num_train, batch_size)
+    idx = revhyper.datasets.batch_indices(batch_key, t, num_train, batch_size)
     penalties = jax.tree.map(lambda w, lp: jnp.sum(jnp.exp(lp) * w ** 2), params, log_penalty)
     return nll(params, x_train[idx], y_train[idx]) + sum(jax.tree.leaves(penalties))
 
@@ -119,9 +119,9 @@ def make_problem(data, num_steps, batch_size, learning_rate, momentum, seed):
     params = train(log_penalty)
     out = {}
     for name, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid)):
-      logits = revhyper.mlp_apply(params, x)
-      out[f"{name}_loss"] = revhyper.softmax_cross_entropy(logits, y)
-      out[f"{name}_error"] = revhyper.error_rate(logits, y)
+      logits = revhyper.models.mlp_apply(params, x)
+      out[f"{name}_loss"] = revhyper.models.softmax_cross_entropy(logits, y)
+      out[f"{name}_error"] = revhyper.models.error_rate(logits, y)
     return out
 
   return meta_loss, evaluate, params0
@@ -194,7 +194,7 @@ def main(argv):
   best_uniform = min(uniform_search, key=lambda r: r["valid_loss"])
   logging.info("Validation loss without penalty %.4f; best uniform penalty e^%g: %.4f",
                no_penalty["valid_loss"], best_uniform["log_penalty"], best_uniform["valid_loss"])
-  result = revhyper.meta_optimize(
+  result = revhyper.meta.meta_optimize(
       meta_loss, h0, num_iterations=settings["meta_iterations"],
       optimizer=optax.sgd(FLAGS.meta_step), has_aux=True)
   after = {k: float(v) for k, v in evaluate(result.hparams).items()}

@@ -3,7 +3,7 @@
 Reproduces figure 9 of Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter
 Optimization through Reversible Learning" (ICML 2015): the hyperparameters are the training
 data, ten 28x28 images with labels 0-9 (one per class). Logistic regression (784-10,
-``revhyper.mlp_*`` with no hidden layer) is trained on those ten images only; the
+``revhyper.models.mlp_*`` with no hidden layer) is trained on those ten images only; the
 meta-objective is its loss on real validation digits, and exact hypergradients with respect to
 every pixel (from training run backwards) shape the ten images into prototypical digits.
 
@@ -88,7 +88,7 @@ def make_problem(data, num_steps, learning_rate, momentum):
               "b": jnp.zeros((NUM_CLASSES,), jnp.float32)}]
 
   def nll(params, x, y):
-    return revhyper.softmax_cross_entropy(revhyper.mlp_apply(params, x), y)
+    return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, x), y)
 
   def train_loss(params, h, t):
     del t  # full batch: the same ten images at every step
@@ -103,7 +103,7 @@ def make_problem(data, num_steps, learning_rate, momentum):
   def meta_loss(h):
     params = train(h)
     aux = {"l2": jnp.exp(h["log_l2"]),
-           "valid_error": revhyper.error_rate(revhyper.mlp_apply(params, x_valid), y_valid)}
+           "valid_error": revhyper.models.error_rate(revhyper.models.mlp_apply(params, x_valid), y_valid)}
     return nll(params, x_valid, y_valid), aux
 
   @jax.jit
@@ -111,9 +111,9 @@ def make_problem(data, num_steps, learning_rate, momentum):
     params = train(h)
     out = {}
     for name, x, y in (("valid", x_valid, y_valid), ("test", x_test, y_test)):
-      logits = revhyper.mlp_apply(params, x)
-      out[f"{name}_loss"] = revhyper.softmax_cross_entropy(logits, y)
-      out[f"{name}_error"] = revhyper.error_rate(logits, y)
+      logits = revhyper.models.mlp_apply(params, x)
+      out[f"{name}_loss"] = revhyper.models.softmax_cross_entropy(logits, y)
+      out[f"{name}_error"] = revhyper.models.error_rate(logits, y)
     return out
 
   return meta_loss, evaluate
@@ -170,7 +170,7 @@ def main(argv):
 
   before = {k: float(v) for k, v in evaluate(h0).items()}
   logging.info("Before: %s", before)
-  result = revhyper.meta_optimize(
+  result = revhyper.meta.meta_optimize(
       meta_loss, h0, num_iterations=settings["meta_iterations"],
       optimizer=optax.sgd(FLAGS.meta_step), has_aux=True)
   after = {k: float(v) for k, v in evaluate(result.hparams).items()}

@@ -141,7 +141,7 @@ def rotate(images):
 
 def mnist_tasks(per_class, seed):
   """The substitute: 5 groups of 4 digits, each task's images disjoint from all others'."""
-  images, labels = revhyper.load_mnist()
+  images, labels = revhyper.datasets.load_mnist()
   rng = np.random.default_rng(seed)
   pools = {d: list(rng.permutation(np.flatnonzero(labels == d))) for d in range(10)}
   need = sum(per_class)
@@ -162,12 +162,12 @@ def mnist_tasks(per_class, seed):
           "{" + ",".join(map(str, g)) + "}" for g in DIGIT_GROUPS)
       + " (labels 0-3 in that order), and the same 5 tasks rotated by 90 degrees; "
       f"train/valid/test {per_class} digits per class and task, no image in two groups. "
-      "Images from the 10,000 MNIST digits bundled with revhyper (revhyper.load_mnist()).")
+      "Images from the 10,000 MNIST digits bundled with revhyper (revhyper.datasets.load_mnist()).")
   return tasks, names, description
 
 
 def omniglot_tasks(folder, archives, alphabets, per_character):
-  data = revhyper.load_omniglot(folder, archives=archives, alphabets=alphabets)
+  data = revhyper.datasets.load_omniglot(folder, archives=archives, alphabets=alphabets)
   names = list(data)[:NUM_ALPHABETS] if alphabets is None else list(alphabets)
   tasks = []
   bounds = np.cumsum([0] + list(per_character))
@@ -198,7 +198,7 @@ def stack_splits(tasks):
   in one vmapped call; returns (x, y, weight) per split, weight 1/n_k on task k's real
   examples.
   """
-  mean = revhyper.pixel_mean(np.concatenate([t[0][0] for t in tasks]))
+  mean = revhyper.datasets.pixel_mean(np.concatenate([t[0][0] for t in tasks]))
   out = []
   for s in range(3):
     n = max(t[s][0].shape[0] for t in tasks)
@@ -206,7 +206,7 @@ def stack_splits(tasks):
     for t in tasks:
       x, y = t[s]
       pad = n - x.shape[0]
-      xs.append(np.concatenate([revhyper.preprocess(x, mean), np.zeros((pad, x.shape[1]),
+      xs.append(np.concatenate([revhyper.datasets.preprocess(x, mean), np.zeros((pad, x.shape[1]),
                                                                        np.float32)]))
       ys.append(np.concatenate([y, np.zeros(pad, np.int32)]))
       ws.append(np.concatenate([np.full(x.shape[0], 1.0 / x.shape[0], np.float32),
@@ -244,11 +244,11 @@ def make_problem(data, layer_sizes, num_tasks, num_steps, learning_rate, momentu
   train, valid, test = data
   keys = jax.random.split(jax.random.key(seed), num_tasks)
   scale = float(np.exp(log_init_scale))
-  params0 = jax.vmap(lambda k: revhyper.mlp_init(k, layer_sizes, scale))(keys)
+  params0 = jax.vmap(lambda k: revhyper.models.mlp_init(k, layer_sizes, scale))(keys)
 
   def task_losses(params, split):
     x, y, w = split
-    logits = jax.vmap(revhyper.mlp_apply)(params, x)  # [K, n, C]
+    logits = jax.vmap(revhyper.models.mlp_apply)(params, x)  # [K, n, C]
     log_p = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(log_p, y[..., None], axis=-1)[..., 0]
     # Weighted by 1/n_k on real examples and 0 on padding: each task's mean NLL.
@@ -405,7 +405,7 @@ def main(argv):
   logging.info("Tied baseline: log coupling %g (best validation NLL)", tied_log_coupling)
   h0 = uniform(tied_log_coupling)
 
-  result = revhyper.meta_optimize(
+  result = revhyper.meta.meta_optimize(
       meta_loss, h0, num_iterations=settings["meta_iterations"],
       optimizer=optax.sgd(FLAGS.meta_step), has_aux=True)
   lam, c = coupling_from_log(result.hparams)

@@ -111,14 +111,14 @@ def momentum_schedule(logit_momentum, min_momentum):
   holds a learned momentum at the bound instead (its gradient is zero below it).
   """
   return jax.tree.map(lambda g: jnp.clip(g, min_momentum, 1.0),
-                      revhyper.momentum_from_logit(logit_momentum))
+                      revhyper.hyper.momentum_from_logit(logit_momentum))
 
 
 def make_problem(data, layer_sizes, num_steps, batch_size, seed, method, min_momentum):
   """The meta-loss and an evaluation function of the hyperparameters.
 
   Returns ``(meta_loss, evaluate, noise)``: ``meta_loss(h) -> (final training loss, aux)`` for
-  ``revhyper.meta_optimize``, whose aux (validation loss and error, initial scales) lands in
+  ``revhyper.meta.meta_optimize``, whose aux (validation loss and error, initial scales) lands in
   the history; ``evaluate(h) -> dict`` of losses and errors after training; the fixed noise
   of the initial weights.
   """
@@ -126,21 +126,21 @@ def make_problem(data, layer_sizes, num_steps, batch_size, seed, method, min_mom
   noise_key, batch_key = jax.random.split(jax.random.key(seed))
   # Fixed noise makes the initial weights exp(log scale) * noise a differentiable function
   # of the scales (the paper's parameterisation).
-  noise = revhyper.mlp_noise(noise_key, layer_sizes)
+  noise = revhyper.models.mlp_noise(noise_key, layer_sizes)
   num_train = int(x_train.shape[0])
 
   def loss(params, x, y):
-    return revhyper.softmax_cross_entropy(revhyper.mlp_apply(params, x), y)
+    return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, x), y)
 
   def batch_loss(params, _, t):
-    idx = revhyper.batch_indices(batch_key, t, num_train, batch_size)
+    idx = revhyper.datasets.batch_indices(batch_key, t, num_train, batch_size)
     return loss(params, x_train[idx], y_train[idx])
 
   def train(h):
     gamma = momentum_schedule(h["logit_momentum"], min_momentum)
-    out = revhyper.sgd(batch_loss, revhyper.mlp_init_from_noise(noise, h["log_init_scale"]),
+    out = revhyper.sgd(batch_loss, revhyper.models.mlp_init_from_noise(noise, h["log_init_scale"]),
                        None, num_steps=num_steps,
-                       learning_rate=revhyper.learning_rate_from_log(h["log_learning_rate"]),
+                       learning_rate=revhyper.hyper.learning_rate_from_log(h["log_learning_rate"]),
                        momentum=gamma, method=method)
     return out.params
 
@@ -148,11 +148,11 @@ def make_problem(data, layer_sizes, num_steps, batch_size, seed, method, min_mom
 
   def meta_loss(h):
     params = train(h)
-    logits = revhyper.mlp_apply(params, x_valid)
+    logits = revhyper.models.mlp_apply(params, x_valid)
     # Scalars in aux are recorded per iteration in the history, which survives --resume.
-    scales = jax.tree_util.tree_leaves(revhyper.init_scale_from_log(h["log_init_scale"]))
-    aux = {"valid_loss": revhyper.softmax_cross_entropy(logits, y_valid),
-           "valid_error": revhyper.error_rate(logits, y_valid),
+    scales = jax.tree_util.tree_leaves(revhyper.hyper.init_scale_from_log(h["log_init_scale"]))
+    aux = {"valid_loss": revhyper.models.softmax_cross_entropy(logits, y_valid),
+           "valid_error": revhyper.models.error_rate(logits, y_valid),
            "init_scale": dict(zip(names, scales))}
     return loss(params, x_train, y_train), aux
 
@@ -162,9 +162,9 @@ def make_problem(data, layer_sizes, num_steps, batch_size, seed, method, min_mom
     out = {}
     for name, x, y in (("train", x_train, y_train), ("valid", x_valid, y_valid),
                        ("test", x_test, y_test)):
-      logits = revhyper.mlp_apply(params, x)
-      out[f"{name}_loss"] = revhyper.softmax_cross_entropy(logits, y)
-      out[f"{name}_error"] = revhyper.error_rate(logits, y)
+      logits = revhyper.models.mlp_apply(params, x)
+      out[f"{name}_loss"] = revhyper.models.softmax_cross_entropy(logits, y)
+      out[f"{name}_error"] = revhyper.models.error_rate(logits, y)
     return out
 
   return meta_loss, evaluate, noise
@@ -173,10 +173,10 @@ def make_problem(data, layer_sizes, num_steps, batch_size, seed, method, min_mom
 def initial_hparams(noise, num_steps, log_learning_rate, momentum, log_init_scale):
   """The 2 x 8 schedules of [num_steps] and the 8 scales, all constant (the paper's start)."""
   return {
-      "log_learning_rate": revhyper.constant_schedule(noise, num_steps, log_learning_rate),
-      "logit_momentum": revhyper.constant_schedule(
-          noise, num_steps, float(revhyper.logit(jnp.float32(momentum)))),
-      "log_init_scale": revhyper.constant_like(noise, log_init_scale),
+      "log_learning_rate": revhyper.hyper.constant_schedule(noise, num_steps, log_learning_rate),
+      "logit_momentum": revhyper.hyper.constant_schedule(
+          noise, num_steps, float(revhyper.hyper.logit(jnp.float32(momentum)))),
+      "log_init_scale": revhyper.hyper.constant_like(noise, log_init_scale),
   }
 
 
@@ -305,11 +305,11 @@ def main(argv):
   before = {k: float(v) for k, v in evaluate(h0).items()}
   logging.info("Before: %s", before)
   checkpoint_dir = os.path.join(out_dir, "checkpoints")
-  latest = revhyper.latest_checkpoint(checkpoint_dir) if FLAGS.resume else None
+  latest = revhyper.meta.latest_checkpoint(checkpoint_dir) if FLAGS.resume else None
   resumed_from = int(os.path.basename(latest)[len("ckpt_"):-len(".npz")]) if latest else 0
   if latest:
     logging.info("Resuming from %s", latest)
-  result = revhyper.meta_optimize(
+  result = revhyper.meta.meta_optimize(
       meta_loss, h0, num_iterations=settings["meta_iterations"],
       optimizer=optax.adam(FLAGS.meta_step), checkpoint_dir=checkpoint_dir,
       checkpoint_every=FLAGS.checkpoint_every, resume=FLAGS.resume, has_aux=True)
@@ -319,9 +319,9 @@ def main(argv):
   h = result.hparams
   gamma = momentum_schedule(h["logit_momentum"], FLAGS.min_momentum)
   learned = {
-      "learning_rate": by_name(names, revhyper.learning_rate_from_log(h["log_learning_rate"])),
+      "learning_rate": by_name(names, revhyper.hyper.learning_rate_from_log(h["log_learning_rate"])),
       "momentum": by_name(names, gamma),
-      "init_scale": by_name(names, revhyper.init_scale_from_log(h["log_init_scale"])),
+      "init_scale": by_name(names, revhyper.hyper.init_scale_from_log(h["log_init_scale"])),
   }
   fan_in = {f"W{i + 1}": 1.0 / np.sqrt(n) for i, n in enumerate(settings["layer_sizes"][:-1])}
   meta_loss_history = [r["meta_loss"] for r in result.history]

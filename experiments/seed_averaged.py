@@ -68,13 +68,13 @@ def _setting(name):
 def load_train(mnist_dir, num_train):
   """The first ``num_train`` training digits, scaled to [0, 1] and centred with their mean."""
   if mnist_dir:
-    images, labels = revhyper.load_mnist_idx(mnist_dir)["train"]
+    images, labels = revhyper.datasets.load_mnist_idx(mnist_dir)["train"]
     note = f"Ran on full MNIST from {mnist_dir} ({num_train} training digits)."
   else:
-    images, labels = revhyper.load_mnist()
+    images, labels = revhyper.datasets.load_mnist()
     note = common.BUNDLED_DATA_NOTE + f" {num_train} training digits."
-  ((x, y),) = revhyper.split_data(images, labels, (num_train,))
-  x = revhyper.preprocess(x, revhyper.pixel_mean(x))
+  ((x, y),) = revhyper.datasets.split_data(images, labels, (num_train,))
+  x = revhyper.datasets.preprocess(x, revhyper.datasets.pixel_mean(x))
   return jnp.asarray(x), jnp.asarray(y, jnp.int32), note
 
 
@@ -87,19 +87,19 @@ def make_hypergradient(x_train, y_train, layer_sizes, num_steps, batch_size, mom
   num_train = int(x_train.shape[0])
 
   def loss(params, x, y):
-    return revhyper.softmax_cross_entropy(revhyper.mlp_apply(params, x), y)
+    return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, x), y)
 
   @jax.jit
   def hypergradient(key, alpha, log_scale):
     noise_key, batch_key = jax.random.split(key)
-    noise = revhyper.mlp_noise(noise_key, layer_sizes)
+    noise = revhyper.models.mlp_noise(noise_key, layer_sizes)
 
     def batch_loss(params, _, t):
-      idx = revhyper.batch_indices(batch_key, t, num_train, batch_size)
+      idx = revhyper.datasets.batch_indices(batch_key, t, num_train, batch_size)
       return loss(params, x_train[idx], y_train[idx])
 
     def final_loss(alpha):
-      params = revhyper.mlp_init_from_noise(noise, log_scale)
+      params = revhyper.models.mlp_init_from_noise(noise, log_scale)
       # The momentum is a concrete Python float, not a traced argument, so the bit stack is
       # sized from its value and no min_momentum bound is needed.
       out = revhyper.sgd(batch_loss, params, None, num_steps=num_steps, learning_rate=alpha,
@@ -157,12 +157,12 @@ def main(argv):
 
   hypergradient = make_hypergradient(x_train, y_train, layer_sizes, num_steps, batch_size,
                                      FLAGS.momentum)
-  like = revhyper.mlp_noise(jax.random.key(0), layer_sizes)  # only for the tree structure
+  like = revhyper.models.mlp_noise(jax.random.key(0), layer_sizes)  # only for the tree structure
   names = [f"{path[1].key}{path[0].idx + 1}"
            for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
-  alpha = revhyper.learning_rate_from_log(
-      revhyper.constant_schedule(like, num_steps, FLAGS.log_learning_rate))
-  log_scale = revhyper.constant_like(like, FLAGS.log_init_scale)
+  alpha = revhyper.hyper.learning_rate_from_log(
+      revhyper.hyper.constant_schedule(like, num_steps, FLAGS.log_learning_rate))
+  log_scale = revhyper.hyper.constant_like(like, FLAGS.log_init_scale)
 
   losses, per_seed = [], {name: [] for name in names}
   for i in range(num_seeds):

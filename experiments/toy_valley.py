@@ -78,8 +78,8 @@ def make_problem(w0, num_steps, scale, steepness, min_momentum):
 
   def schedules(h):
     # The clip keeps a learned momentum inside the range the bit stack was sized for.
-    gamma = jnp.clip(revhyper.momentum_from_logit(h["logit_momentum"]), min_momentum, 1.0)
-    return revhyper.learning_rate_from_log(h["log_learning_rate"]), gamma
+    gamma = jnp.clip(revhyper.hyper.momentum_from_logit(h["logit_momentum"]), min_momentum, 1.0)
+    return revhyper.hyper.learning_rate_from_log(h["log_learning_rate"]), gamma
 
   def train(h, active_steps):
     alpha, gamma = schedules(h)
@@ -164,18 +164,18 @@ def main(argv):
   meta_loss, trajectory = make_problem(w0, num_steps, FLAGS.valley_scale,
                                        FLAGS.valley_steepness, FLAGS.min_momentum)
   h0 = {"log_learning_rate": jnp.full((num_steps,), FLAGS.log_learning_rate, jnp.float32),
-        "logit_momentum": jnp.full((num_steps,), float(revhyper.logit(FLAGS.momentum)),
+        "logit_momentum": jnp.full((num_steps,), float(revhyper.hyper.logit(FLAGS.momentum)),
                                    jnp.float32)}
   visited = []  # the hyperparameters of every meta-iteration, for the figures
 
-  result = revhyper.meta_optimize(
+  result = revhyper.meta.meta_optimize(
       meta_loss, h0, num_iterations=FLAGS.meta_iterations,
       optimizer=optax.sgd(FLAGS.meta_step), has_aux=True,
       callback=lambda step: visited.append(step.hparams))
   visited.append(result.hparams)
   paths = [np.asarray(trajectory(h)) for h in visited]
   alphas = [np.exp(np.asarray(h["log_learning_rate"])) for h in visited]
-  gammas = [np.clip(np.asarray(revhyper.momentum_from_logit(h["logit_momentum"])),
+  gammas = [np.clip(np.asarray(revhyper.hyper.momentum_from_logit(h["logit_momentum"])),
                     FLAGS.min_momentum, 1.0) for h in visited]
   # The last point of each path is the run's final weights, so its loss is the meta-loss.
   final_losses = [float(valley(p[-1], FLAGS.valley_scale, FLAGS.valley_steepness))

@@ -1,0 +1,17 @@
+"""Models: the paper's tanh multilayer perceptrons (logistic regression included) and losses."""
+
+from revhyper._models import error_rate
+from revhyper._models import mlp_apply
+from revhyper._models import mlp_init
+from revhyper._models import mlp_init_from_noise
+from revhyper._models import mlp_noise
+from revhyper._models import softmax_cross_entropy
+
+__all__ = (
+    "error_rate",
+    "mlp_apply",
+    "mlp_init",
+    "mlp_init_from_noise",
+    "mlp_noise",
+    "softmax_cross_entropy",
+)
