@@ -191,7 +191,10 @@ def divide(stack, values, numerators, min_numerator):
 
 def stored_bits(stack):
   """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane."""
-  head_bits = sum(jnp.sum(jnp.log2(h.astype(jnp.float64)) - HEAD_LOW_BITS) for h in stack.head)
+  # An empty lane holds exactly 0 bits; a fused log2 need not return exactly 16 for B.
+  head_bits = sum(jnp.sum(jnp.where(h == 2**HEAD_LOW_BITS, 0.0,
+                                    jnp.log2(h.astype(jnp.float64)) - HEAD_LOW_BITS))
+                  for h in stack.head)
   return stack.ptr.astype(jnp.float64) * CHUNK_BITS + head_bits
 
 

@@ -18,6 +18,14 @@ subgraph is therefore fenced with ``lax.optimization_barrier`` on all its inputs
 so that XLA compiles it identically in both loops. With ``share_gradient`` the fenced subgraph
 is the forward-over-reverse pass itself, whose primal output is ``g_t`` and whose tangents are
 the Hessian-vector products, so the backward pass computes the gradient once per step.
+
+Precision: the state lives on the 2**-48 grid whatever the leaves' dtype; the loss sees the
+weights rounded to each leaf's dtype, and the increments are computed in the leaf's compute
+dtype (at least float32), as the float methods do with their float32-or-wider state.
+
+Only first-order reverse mode is supported: the backward pass reads the integer state, whose
+derivative is zero, so differentiating it (``jax.hessian``, grad of grad) or the forward pass
+(``jax.jvp``) would silently give wrong numbers. Both passes are guarded and raise instead.
 """
 
 import dataclasses
@@ -61,13 +69,14 @@ class Layout:
 class Config:
   """Everything static about one reversible run (hashable: a custom_vjp nondiff argument)."""
 
-  loss_fn: Callable  # loss_fn(param_leaves: list, hparams, t) -> scalar; closure-free.
+  loss_fn: Callable  # loss_fn(param_leaves: list, hparams, t) -> scalar; closure-free, hashable.
   layout: Layout
   num_steps: int
   capacity_chunks: int
   share_gradient: bool
   checks: bool
   check_reversal: bool
+  min_momentum: Any  # the bound the user gave for a traced momentum (for messages), or None
   # The caller's x64 setting: the loss runs under it, not under the scoped x64 that the
   # integer arithmetic needs, so that unannotated arrays in loss_fn keep the caller's dtypes.
   user_x64: bool
@@ -86,8 +95,9 @@ class Steps(NamedTuple):
   """Per-step inputs of the scans (leading axis: steps)."""
 
   t: jax.Array  # int32 [T]
-  alpha: list  # one [T] float array per leaf
-  gamma: list  # one [T] float array per leaf, values n / 2**16
+  alpha: list  # one [T] float array per leaf, in the leaf's compute dtype
+  gamma: list  # one [T] float array per leaf, in the leaf's compute dtype: n / 2**16
+  numerator: list  # one int32 [T] array per leaf: n, the momentum's numerator in [1, 2**16]
 
 
 def _barrier(tree):
@@ -127,7 +137,7 @@ def _gradient(config, w_leaves, hparams, t, form, tangent=None):
 
   ``FENCED`` and ``LINEARIZED`` put ``lax.optimization_barrier`` on the subgraph's inputs and
   all its outputs, so that XLA compiles it identically in the forward and the reverse loop, a
-  condition of bit-exact reversal (DESIGN.md, section 1). The forward loop of ``LINEARIZED``
+  condition of bit-exact reversal. The forward loop of ``LINEARIZED``
   passes an opaque zero tangent: it computes and discards the products, so that its program is
   the reverse loop's.
 
@@ -170,14 +180,21 @@ def _weight_increment(alpha, v_leaves):
   return [a * x.astype(_fixed_point.compute_dtype(x.dtype)) for a, x in zip(alpha, v_leaves)]
 
 
-def _numerators(gamma):
-  """Per-leaf numerators ``n = gamma * 2**16`` (uint64 scalars) and their minimum (float64)."""
-  n = [jnp.round(c.astype(jnp.float64) * _bitstack.DENOMINATOR) for c in gamma]
-  return [x.astype(jnp.uint64) for x in n], jnp.min(jnp.stack(n))
+def _numerators(numerator):
+  """The step's numerators as uint64 scalars, one per leaf, and their minimum (float64)."""
+  return ([n.astype(jnp.uint64) for n in numerator],
+          jnp.min(jnp.stack(numerator)).astype(jnp.float64))
 
 
 def _float_leaves(config, x):
+  """The grid values in each leaf's own dtype: what the loss sees."""
   return [_fixed_point.to_float(x, dtype) for x, dtype in zip(x, config.layout.dtypes)]
+
+
+def _compute_leaves(config, x):
+  """The grid values in each leaf's compute dtype: what the updates are computed from."""
+  return [_fixed_point.to_float(x, _fixed_point.compute_dtype(dtype))
+          for x, dtype in zip(x, config.layout.dtypes)]
 
 
 def _add(x, increments):
@@ -196,12 +213,12 @@ def _and(*masks):
 
 
 def _forward_step(config, hparams, form, state, step):
-  t, alpha, gamma = step
+  t, alpha, gamma, numerator = step
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, t, form)
-  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(gamma))
+  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(numerator))
   v, v_ok = _subtract(v, _velocity_increment(gamma, g))
-  v_leaves = _float_leaves(config, v)
+  v_leaves = _compute_leaves(config, v)
   w, w_ok = _add(state.w, _weight_increment(alpha, v_leaves))
   # The states entering the two additions are in range and so are the increments: no sum
   # wrapped. (The multiply only shrinks |v|.) The final state is checked after the loop.
@@ -211,25 +228,28 @@ def _forward_step(config, hparams, form, state, step):
 
 
 def _undo_position(config, state, alpha):
-  """Undoes ``w_{t+1} = w_t + alpha_t * v_{t+1}``; returns ``(w_t int, w_t, v_{t+1})``."""
-  v_next = _float_leaves(config, state.v)
+  """Undoes ``w_{t+1} = w_t + alpha_t * v_{t+1}``; returns ``(w_t int, w_t, v_{t+1})``.
+
+  ``w_t`` comes in the leaves' dtypes (the loss's input), ``v_{t+1}`` in the compute dtypes.
+  """
+  v_next = _compute_leaves(config, state.v)
   w, _ = _subtract(state.w, _weight_increment(alpha, v_next))
   return w, _float_leaves(config, w), v_next
 
 
-def _undo_velocity(config, state, w, g, gamma):
+def _undo_velocity(config, state, w, g, gamma, numerator):
   """Undoes ``v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t`` given the recomputed ``g_t``."""
   v, _ = _add(state.v, _velocity_increment(gamma, g))
-  stack, v = _bitstack.divide(state.stack, v, *_numerators(gamma))
+  stack, v = _bitstack.divide(state.stack, v, *_numerators(numerator))
   return State(w, v, stack, state.in_range)
 
 
 def _reverse_step(config, hparams, form, state, step):
   """Undoes ``_forward_step`` exactly."""
-  t, alpha, gamma = step
+  t, alpha, gamma, numerator = step
   w, w_leaves, _ = _undo_position(config, state, alpha)
   g, _ = _gradient(config, w_leaves, hparams, t, form)
-  return _undo_velocity(config, state, w, g, gamma)
+  return _undo_velocity(config, state, w, g, gamma, numerator)
 
 
 def position_update(w, v_next, alpha):
@@ -254,7 +274,10 @@ def _initial_state(config, params, velocity):
 
 
 class Stats(NamedTuple):
-  """Diagnostics of one training run (not differentiable)."""
+  """Diagnostics of one training run (not differentiable).
+
+  Under ``jax.vmap`` every field has the batch axis: each element reports its own run.
+  """
 
   bits_stored: jax.Array  # float32 [], information held in the bit stack after training.
   information_bound_bits: jax.Array  # float32 [], sum over weights and steps of log2(d / n_t).
@@ -267,12 +290,24 @@ class Stats(NamedTuple):
 
   @property
   def failed(self):
-    """Exact reversal is impossible: overflow of the grid or the stack, or bad hyperparameters.
+    """The run cannot be trusted: overflow of the grid or the stack, bad hyperparameters, or
+    non-finite results. With checks on (the default) its outputs are then NaN."""
+    return (self.fixed_point_overflow | self.buffer_overflow | self.invalid_hyperparameters
+            | self.non_finite)
 
-    (A run whose values turn non-finite also leaves the grid, so ``failed`` covers it for the
-    reversible method; for ``Unroll`` and ``Checkpoint`` read ``non_finite``.)
+  def raise_if_failed(self):
+    """Raises ``ReversalError`` naming the failures recorded here; call it outside ``jit``.
+
+    For statistics returned from a jitted function (or batched by ``vmap``: then it raises if
+    any element failed, and names the failed elements).
     """
-    return self.fixed_point_overflow | self.buffer_overflow | self.invalid_hyperparameters
+    failed = np.asarray(_errors.concrete_or_raise(self.failed, "Stats.raise_if_failed"))
+    if not failed.any():
+      return
+    where = "" if failed.ndim == 0 else f" (batch elements {np.flatnonzero(failed).tolist()})"
+    reasons = [message for flag, message in failure_messages(self, min_momentum=...)
+               if np.any(np.asarray(flag))]
+    raise _errors.ReversalError(f"training run failed{where}: " + " ".join(reasons))
 
 
 def any_non_finite(*trees):
@@ -285,14 +320,19 @@ def any_non_finite(*trees):
 
 INVALID_HYPERPARAMETERS = (
     "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1].")
+NON_FINITE = (
+    "non-finite training: the final weights or velocities are NaN or infinite; the training run "
+    "diverged, e.g. from too large a learning rate.")
 
 
-def _stats(config, state, gamma, invalid, params_out, velocity_out):
+def _stats(config, state, numerator, invalid, params_out, velocity_out):
   layout = config.layout
   bound = jnp.zeros((), jnp.float64)
-  for size, c in zip(layout.sizes, gamma):
-    n = jnp.round(c.astype(jnp.float64) * _bitstack.DENOMINATOR)
-    bound += size * jnp.sum(_bitstack.DENOMINATOR_BITS - jnp.log2(n))
+  for size, n in zip(layout.sizes, numerator):
+    # Momentum 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
+    bits = jnp.where(n == _bitstack.DENOMINATOR, 0.0,
+                     _bitstack.DENOMINATOR_BITS - jnp.log2(n.astype(jnp.float64)))
+    bound += size * jnp.sum(bits)
   stored = _bitstack.stored_bits(state.stack)
   lanes_steps = max(layout.num_lanes * config.num_steps, 1)
   capacity = _bitstack.CHUNK_BITS * (config.capacity_chunks + layout.num_lanes)
@@ -308,23 +348,76 @@ def _stats(config, state, gamma, invalid, params_out, velocity_out):
   )
 
 
-def _check(config, stats):
-  if not config.checks:
-    return
-  _errors.raise_if(
-      stats.fixed_point_overflow,
-      "fixed-point overflow: a weight, velocity or update left the exact range "
-      f"|x| < {_fixed_point.MAX_ABS_VALUE:g} (or was not finite); the training run diverged, "
-      "e.g. from too large a learning rate. Exact reversal is impossible.")
-  _errors.raise_if(
-      stats.buffer_overflow,
-      "bit-stack overflow: the information buffer ran out of capacity; the momentum fell "
-      "below the min_momentum given to revhyper.Reversible. Lower min_momentum.")
-  _errors.raise_if(stats.invalid_hyperparameters, INVALID_HYPERPARAMETERS)
+def failure_messages(stats, min_momentum=None):
+  """``(flag, message)`` for every kind of failure that ``stats`` records, most specific first."""
+  if min_momentum is ...:  # not known where the statistics are read
+    stack_hint = ("a momentum fell below the min_momentum given to revhyper.Reversible for a "
+                  "traced momentum; lower min_momentum")
+  elif min_momentum is None:
+    # The capacity was computed from the momenta themselves, with a proven bound.
+    stack_hint = ("the capacity computed from the momentum schedule was too small, which "
+                  "should not happen; please report it")
+  else:
+    stack_hint = (f"a momentum fell below the min_momentum={min_momentum} given to "
+                  "revhyper.Reversible; lower min_momentum")
+  return [
+      (stats.invalid_hyperparameters, INVALID_HYPERPARAMETERS),
+      (stats.fixed_point_overflow,
+       "fixed-point overflow: a weight, velocity or update left the exact range "
+       f"|x| < {_fixed_point.MAX_ABS_VALUE:g} (or was not finite); the training run diverged, "
+       "e.g. from too large a learning rate. Exact reversal is impossible."),
+      (stats.buffer_overflow, f"bit-stack overflow: the information buffer ran out of "
+       f"capacity: {stack_hint}."),
+      (stats.non_finite, NON_FINITE),
+  ]
+
+
+def check(stats, checks, min_momentum=None):
+  """Raises ``ReversalError`` for a failed run whose stats are concrete (eager calls).
+
+  Returns the bool scalar to poison the outputs with: ``stats.failed`` where the checks are
+  on and the values are traced, else False.
+  """
+  if not checks:
+    return jnp.zeros((), jnp.bool_)
+  concrete = True
+  for flag, message in failure_messages(stats, min_momentum):
+    concrete &= _errors.raise_if(flag, message)
+  return jnp.zeros((), jnp.bool_) if concrete else stats.failed
 
 
 def _reversal_form(config):
   return Gradient.LINEARIZED if config.share_gradient else Gradient.FENCED
+
+
+@jax.custom_jvp
+def _first_order_only(tree):
+  """The identity, whose derivative raises: marks code that must not be differentiated."""
+  return tree
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+  raise TypeError(HIGHER_ORDER)
+
+
+HIGHER_ORDER = (
+    "revhyper: the reversible method supports first-order reverse mode (jax.grad, jax.vjp, "
+    "jax.jacrev) only. Its backward pass runs on the integer training state, whose derivative "
+    "is zero, so forward mode (jax.jvp, jax.jacfwd) and higher-order derivatives (jax.hessian, "
+    "grad of grad, Hessian-vector products) of it would be wrong. Use method='unroll' or "
+    "method='checkpoint' (revhyper.Checkpoint(...)) for these; they give exact higher-order "
+    "derivatives of the same dynamics.")
+
+
+def _guard(tree):
+  """``_first_order_only`` on the float leaves of ``tree`` (others have no tangent)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  guarded = _first_order_only([leaves[i] for i in floats])
+  for i, x in zip(floats, guarded):
+    leaves[i] = x
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _forward(config, params, velocity, hparams, steps, invalid, form):
@@ -337,24 +430,26 @@ def _forward(config, params, velocity, hparams, steps, invalid, form):
     final_ok = [_fixed_point.in_range(x) & _fixed_point.in_range(y)
                 for x, y in zip(params_out, velocity_out)]
     state = state._replace(in_range=_and(state.in_range, final_ok))
-    stats = _stats(config, state, steps.gamma, invalid, params_out, velocity_out)
-  _check(config, stats)
-  return params_out, velocity_out, stats, state
+    stats = _stats(config, state, steps.numerator, invalid, params_out, velocity_out)
+  failed = check(stats, config.checks, config.min_momentum)
+  params_out, velocity_out = _errors.poison(failed, (params_out, velocity_out))
+  return params_out, velocity_out, stats, state, failed
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _run(config, params, velocity, hparams, steps, invalid):
   # Not differentiated, so never reversed: the cheapest gradient form.
-  params_out, velocity_out, stats, _ = _forward(
+  params_out, velocity_out, stats, _, _ = _forward(
       config, params, velocity, hparams, steps, invalid, Gradient.PLAIN)
   return params_out, velocity_out, stats
 
 
 def _run_fwd(config, params, velocity, hparams, steps, invalid):
-  params_out, velocity_out, stats, state = _forward(
+  params, velocity, hparams, steps = _guard((params, velocity, hparams, steps))
+  params_out, velocity_out, stats, state, failed = _forward(
       config, params, velocity, hparams, steps, invalid, _reversal_form(config))
   initial = (params, velocity) if config.check_reversal else None
-  return (params_out, velocity_out, stats), (state, hparams, steps, initial)
+  return (params_out, velocity_out, stats), (state, hparams, steps, initial, failed)
 
 
 def _zero_cotangent(x):
@@ -366,51 +461,63 @@ def _zero_cotangent(x):
 
 def _run_bwd(config, residuals, cotangents):
   """Algorithm 2 of the paper: undo each step exactly, then pull its cotangents back."""
-  state, hparams, steps, initial = residuals
+  residuals, cotangents = _guard((residuals, cotangents))
+  state, hparams, steps, initial, failed = residuals
   dparams, dvelocity, _ = cotangents
   h_floats, merge = _differentiable(hparams)
   form = _reversal_form(config)
+  compute_dtypes = [_fixed_point.compute_dtype(d) for d in config.layout.dtypes]
 
   def body(carry, step):
     state, dw, dv, dh = carry
-    t, alpha, gamma = step
+    t, alpha, gamma, numerator = step
     w, w_leaves, v_next = _undo_position(config, state, alpha)
-    _, position_pullback = jax.vjp(position_update, w_leaves, v_next, alpha)
+    w_compute = [x.astype(d) for x, d in zip(w_leaves, compute_dtypes)]
+    _, position_pullback = jax.vjp(position_update, w_compute, v_next, alpha)
     dw, dv_from_w, dalpha = position_pullback(dw)
     dv = [a + b for a, b in zip(dv, dv_from_w)]
     # The velocity update is linear in (v_t, g_t): its transpose needs neither, so the
     # cotangent of g_t is known before g_t is recomputed, and one forward-over-reverse pass
     # yields g_t (to rebuild v_t) together with its Hessian-vector products.
     velocity_transpose = jax.linear_transpose(
-        lambda v, g: velocity_update(v, g, gamma), w_leaves, w_leaves)
+        lambda v, g: velocity_update(v, g, gamma), w_compute, w_compute)
     dv_prev, dg = velocity_transpose(dv)
+    dg = [x.astype(y.dtype) for x, y in zip(dg, w_leaves)]  # g_t has the leaves' dtypes
     if form is Gradient.LINEARIZED:
       g, (hvp_w, hvp_h) = _gradient(config, w_leaves, hparams, t, form, tangent=dg)
     else:
       g, _ = _gradient(config, w_leaves, hparams, t, form)
       hvp_w, hvp_h = _hessian_vector(config, w_leaves, hparams, t, dg)
-    state = _undo_velocity(config, state, w, g, gamma)
-    v_leaves = _float_leaves(config, state.v)
-    _, gamma_pullback = jax.vjp(lambda c: velocity_update(v_leaves, g, c), gamma)
+    state = _undo_velocity(config, state, w, g, gamma, numerator)
+    v_leaves = _compute_leaves(config, state.v)
+    g_compute = [x.astype(d) for x, d in zip(g, compute_dtypes)]
+    _, gamma_pullback = jax.vjp(lambda c: velocity_update(v_leaves, g_compute, c), gamma)
     (dgamma,) = gamma_pullback(dv)
-    dw = [a + b for a, b in zip(dw, hvp_w)]
+    dw = [a + b.astype(a.dtype) for a, b in zip(dw, hvp_w)]
     dh = [a + b.astype(a.dtype) for a, b in zip(dh, hvp_h)]
     return (state, dw, dv_prev, dh), ([jnp.sum(x) for x in dalpha], [jnp.sum(x) for x in dgamma])
 
   dh = [jnp.zeros_like(x) for x in h_floats]
+  # The cotangents are carried in the compute dtypes, like the state they belong to.
+  dparams = [x.astype(d) for x, d in zip(dparams, compute_dtypes)]
+  dvelocity = [x.astype(d) for x, d in zip(dvelocity, compute_dtypes)]
   with jax.enable_x64(True):
     state = state._replace(stack=_bitstack.for_popping(state.stack))
-    carry = (state, list(dparams), list(dvelocity), dh)
+    carry = (state, dparams, dvelocity, dh)
     (state, dw, dv, dh), (dalpha, dgamma) = jax.lax.scan(body, carry, tuple(steps),
                                                           reverse=True)
   if config.check_reversal:
-    _check_reconstruction(config, state, initial)
+    failed |= _check_reconstruction(config, state, initial)
+  dw = [x.astype(d) for x, d in zip(dw, config.layout.dtypes)]
+  dv = [x.astype(d) for x, d in zip(dv, config.layout.dtypes)]
   dh_floats = iter(dh)
   dhparams = jax.tree_util.tree_map(
       lambda x: next(dh_floats) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
       else _zero_cotangent(x), hparams)
-  dsteps = type(steps)(np.zeros(steps.t.shape, jax.dtypes.float0), dalpha, dgamma)
-  return dw, dv, dhparams, dsteps, np.zeros((), jax.dtypes.float0)
+  dsteps = type(steps)(np.zeros(steps.t.shape, jax.dtypes.float0), dalpha, dgamma,
+                       [np.zeros(n.shape, jax.dtypes.float0) for n in steps.numerator])
+  # A failed run has no trustworthy gradient: NaN rather than a wrong number.
+  return _errors.poison(failed, (dw, dv, dhparams, dsteps, np.zeros((), jax.dtypes.float0)))
 
 
 def _all_equal(xs, ys):
@@ -419,16 +526,22 @@ def _all_equal(xs, ys):
                           jnp.ones((), jnp.bool_))
 
 
+REVERSAL_CHECK_FAILED = (
+    "reversal check failed: the reverse pass did not rebuild the initial weights, velocity and "
+    "an empty bit stack bit for bit. A gradient was not recomputed identically (a "
+    "non-deterministic loss_fn or compiler); please report this with your loss_fn.")
+
+
 def _check_reconstruction(config, state, initial):
+  """Raises if the rebuilt state is concrete and wrong; returns the flag to poison with."""
   with jax.enable_x64(True):
     reference = _initial_state(config, *initial)
     exact = (_all_equal(state.w, reference.w) & _all_equal(state.v, reference.v)
              & _bitstack.is_empty(state.stack))
-  _errors.raise_if(
-      jnp.logical_not(exact),
-      "reversal check failed: the reverse pass did not rebuild the initial weights, velocity "
-      "and an empty bit stack bit for bit. A gradient was not recomputed identically "
-      "(non-deterministic loss_fn or compiler); please report this with your loss_fn.")
+  mismatch = jnp.logical_not(exact)
+  if _errors.raise_if(mismatch, REVERSAL_CHECK_FAILED):
+    return jnp.zeros((), jnp.bool_)
+  return mismatch
 
 
 _run.defvjp(_run_fwd, _run_bwd)
@@ -436,7 +549,13 @@ _run.defvjp(_run_fwd, _run_bwd)
 
 def run(config, params, velocity, hparams, steps, invalid):
   """Trains exactly; differentiable in params, velocity, hparams and the schedules."""
-  return _run(config, params, velocity, hparams, steps, invalid)
+  try:
+    return _run(config, params, velocity, hparams, steps, invalid)
+  except TypeError as e:
+    # JAX's own message for jvp of a custom_vjp says what, not what to do instead.
+    if "custom_vjp" in str(e) and "jvp" in str(e):
+      raise TypeError(HIGHER_ORDER) from e
+    raise
 
 
 class Reconstruction(NamedTuple):
@@ -450,11 +569,13 @@ def train_and_reverse(config, params, velocity, hparams, steps, invalid):
   """Trains forward, then runs the exact reversal with no gradients.
 
   Both loops use the gradient form of the differentiated path, so this checks what
-  ``jax.grad`` relies on.
+  ``jax.grad`` relies on. The forward outputs are returned as computed (no NaN), so that the
+  caller can raise with the statistics.
   """
   form = _reversal_form(config)
-  params_out, velocity_out, stats, state = _forward(
-      config, params, velocity, hparams, steps, invalid, form)
+  unchecked = dataclasses.replace(config, checks=False)
+  params_out, velocity_out, stats, state, _ = _forward(
+      unchecked, params, velocity, hparams, steps, invalid, form)
 
   def body(state, step):
     return _reverse_step(config, hparams, form, state, step), None

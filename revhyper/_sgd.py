@@ -16,8 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax._src import core as jax_core
+
 from revhyper import _bitstack
 from revhyper import _errors
+from revhyper import _fixed_point
 from revhyper import _reversible
 from revhyper import _schedules
 
@@ -38,11 +41,13 @@ class Reversible:
       of 2.6 gradient evaluations per backward step). ``None`` (default) chooses by backend:
       on the CPU sharing is bit-exact; on a GPU the shared pass was measured not to be (XLA
       compiles its primal part differently in the two loops), so it is off there.
-    checks: raise ``ReversalError`` (also under ``jit``) on fixed-point or bit-stack overflow
-      and invalid hyperparameters. Either way the flags are in ``result.stats``.
+    checks: act on fixed-point or bit-stack overflow and invalid hyperparameters: raise
+      ``ReversalError`` where the values are concrete (eager calls), and make the outputs (and
+      hypergradients) NaN inside ``jit``. Either way the flags are in ``result.stats``.
     check_reversal: in the backward pass, compare the rebuilt initial state with the original
-      bit for bit and raise ``ReversalError`` if they differ (keeps a copy of the initial state).
-      This checks the gradient path itself; use it once on a new problem or backend.
+      bit for bit (keeps a copy of the initial state); on a mismatch, raise ``ReversalError``
+      in an eager ``jax.grad`` and make every hypergradient NaN under ``jit``. This checks the
+      gradient path itself; use it once on a new problem or backend.
   """
 
   min_momentum: Optional[float] = None
@@ -57,7 +62,11 @@ class Reversible:
 
 @dataclasses.dataclass(frozen=True)
 class Unroll:
-  """Store-all backprop through the float training scan: the reference method."""
+  """Store-all backprop through the float training scan: the reference method.
+
+  Attributes:
+    checks: act on invalid hyperparameters and non-finite results as ``Reversible`` does.
+  """
 
   checks: bool = True
 
@@ -117,23 +126,69 @@ def _method(method):
 
 def _check_float_tree(tree, name):
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    where = f"{name}{jax.tree_util.keystr(path)}"
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)):
+      raise ValueError(
+          f"{where} must be a float array, got {type(leaf).__name__} ({leaf!r:.60}). Pass only "
+          "the arrays to train: split a model object into arrays and static parts first (e.g. "
+          "equinox: params, static = eqx.partition(model, eqx.is_inexact_array), then "
+          "eqx.combine(params, static) inside loss_fn; flax nnx: nnx.split(model)).")
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"{name}{jax.tree_util.keystr(path)} must be a float array, got dtype "
-                       f"{dtype}.")
+      raise ValueError(f"{where} must be a float array, got dtype {dtype}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ClosedLoss:
+  """``loss_fn`` as a jaxpr whose closed-over arrays are explicit inputs.
+
+  Equal (and hashing alike) when the jaxprs print alike, so that a repeated call with the same
+  loss reuses the compiled program, while a loss that closes over other arrays of the same
+  shapes still does, reading the new values: they are arguments, never baked-in constants.
+  """
+
+  jaxpr: Any  # jax.core.Jaxpr: inputs are the consts, then the flattened (w, hparams, t).
+  in_tree: Any
+  key: str  # the jaxpr's text
+
+  def __call__(self, w_leaves, hparams, t):
+    (h, consts) = hparams
+    args = jax.tree_util.tree_leaves((w_leaves, h, t))
+    return jax.core.eval_jaxpr(self.jaxpr, list(consts), *args)[0]
+
+  def __eq__(self, other):
+    return (isinstance(other, _ClosedLoss) and self.key == other.key
+            and self.in_tree == other.in_tree)
+
+  def __hash__(self):
+    return hash((self.key, self.in_tree))
+
+
+def _close_loss(loss_on_leaves, leaves, hparams):
+  """Traces the loss once: its output is checked and its closed-over arrays are hoisted."""
+  t0 = jnp.zeros((), jnp.int32)
+  try:
+    closed = jax.make_jaxpr(loss_on_leaves)(leaves, hparams, t0)
+  except TypeError as e:
+    raise ValueError(f"loss_fn(params, hparams, t) could not be traced: {e}") from e
+  out = closed.out_avals
+  if not (len(out) == 1 and out[0].shape == () and jnp.issubdtype(out[0].dtype, jnp.floating)):
+    raise ValueError(f"loss_fn(params, hparams, t) must return a float scalar, got {out}.")
+  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0))
+  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr))
+  return loss, tuple(closed.consts)
 
 
 class _Problem(NamedTuple):
   """Validated, flattened inputs shared by every method."""
 
-  loss_fn: Any  # loss_fn(param_leaves, hparams, t)
+  loss_fn: Any  # _ClosedLoss: loss_fn(param_leaves, (hparams, consts), t)
   treedef: Any
   params: list
   velocity: list
-  hparams: Any
+  hparams: Any  # (the user's hparams, the loss's closed-over arrays)
   steps: _reversible.Steps
   invalid: jax.Array
-  momentum_values: list  # numpy [T] per leaf where known at trace time, else None
 
 
 def _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity):
@@ -144,14 +199,21 @@ def _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, veloc
   if num_steps < 1:
     raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
   num_steps = int(num_steps)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+  _check_float_tree(params, "params")
+  # Strongly typed, so that a weakly typed input (a Python float, or an array computed from
+  # one) neither changes the loss's dtype promotion nor the compiled program's key.
+  strong = lambda x: jnp.asarray(x, dtype=jnp.result_type(x))
+  params = jax.tree_util.tree_map(strong, params)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   if not leaves:
     raise ValueError("params must contain at least one array.")
-  _check_float_tree(params, "params")
+  if not any(x.size for x in leaves):
+    raise ValueError(f"params must hold at least one element; every leaf has size 0 "
+                     f"({[x.shape for x in leaves]}).")
   if velocity is None:
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
-  velocity = jax.tree_util.tree_map(jnp.asarray, velocity)
+  _check_float_tree(velocity, "velocity")
+  velocity = jax.tree_util.tree_map(strong, velocity)
   v_leaves, v_treedef = jax.tree_util.tree_flatten(velocity)
   if v_treedef != treedef:
     raise ValueError(f"velocity must have the structure of params ({treedef}), got {v_treedef}.")
@@ -165,52 +227,44 @@ def _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, veloc
   def loss_on_leaves(w_leaves, h, t):
     return loss_fn(jax.tree_util.tree_unflatten(treedef, w_leaves), h, t)
 
-  t0 = jnp.zeros((), jnp.int32)
-  out = jax.eval_shape(loss_on_leaves, leaves, hparams, t0)
-  if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()
-          and jnp.issubdtype(out.dtype, jnp.floating)):
-    raise ValueError(f"loss_fn(params, hparams, t) must return a float scalar, got {out}.")
-
+  closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams)
   alphas = _schedules.broadcast(learning_rate, params, num_steps, "learning_rate")
   gammas = _schedules.broadcast(momentum, params, num_steps, "momentum")
   _schedules.check_concrete(alphas, gammas)
   invalid = _schedules.runtime_invalid(alphas.arrays, gammas.arrays)
-  quantized = [_schedules.quantize_momentum(g) for g in gammas.arrays]
-  steps = _reversible.Steps(jnp.arange(num_steps, dtype=jnp.int32), alphas.arrays, quantized)
-  return _Problem(loss_on_leaves, treedef, leaves, v_leaves, hparams, steps, invalid,
-                  gammas.values)
+  momenta = _schedules.quantize_momentum(gammas)
+  # The step computes in each leaf's compute dtype; n / 2**16 is exact in it.
+  compute = [_fixed_point.compute_dtype(jnp.result_type(x)) for x in leaves]
+  steps = _reversible.Steps(
+      t=jnp.arange(num_steps, dtype=jnp.int32),
+      alpha=[a.astype(d) for a, d in zip(alphas.arrays, compute)],
+      gamma=[g.astype(d) for g, d in zip(momenta.values, compute)],
+      numerator=momenta.numerators)
+  return _Problem(closed_loss, treedef, leaves, v_leaves, (hparams, consts), steps, invalid)
 
 
 def _capacity_chunks(method, problem, layout):
-  """Static size of the bit stack's tail, from concrete momenta or ``min_momentum``."""
+  """Static size of the bit stack's tail, from concrete numerators or ``min_momentum``."""
   chunks = 0
-  for size, value in zip(layout.sizes, problem.momentum_values):
-    if value is None:
+  for size, numerators in zip(layout.sizes, problem.steps.numerator):
+    known = _schedules.concrete_value(numerators)
+    if known is None:
       if method.min_momentum is None:
         raise ValueError(
             "momentum is traced (e.g. a hyperparameter under jax.jit), so the size of the bit "
             "stack cannot be computed from its values. Pass a static lower bound: "
             "method=revhyper.Reversible(min_momentum=...).")
       n_min = max(1, round(method.min_momentum * _bitstack.DENOMINATOR))
-      value = np.full(problem.steps.t.shape, n_min / _bitstack.DENOMINATOR)
-    numerators = np.clip(np.round(value * _bitstack.DENOMINATOR), 1, _bitstack.DENOMINATOR)
-    chunks += size * _bitstack.bucket(_bitstack.max_chunks_per_lane(numerators))
+      known = np.full(problem.steps.t.shape, n_min)
+    chunks += size * _bitstack.bucket(_bitstack.max_chunks_per_lane(known))
   return max(chunks, 1)  # a zero-size tail would make even the skipped gather ill-formed
 
 
 def _reversible_config(method, problem):
-  # Arrays that loss_fn closes over are hoisted into explicit inputs, so that they receive
-  # gradients through the custom_vjp (which cannot see closed-over tracers).
-  loss_fn, consts = jax.closure_convert(
-      problem.loss_fn, problem.params, problem.hparams, problem.steps.t[0])
-  hparams = (problem.hparams, tuple(consts))
-
-  def loss_with_consts(w_leaves, h, t):
-    return loss_fn(w_leaves, h[0], t, *h[1])
-
   layout = _reversible.Layout.of(problem.params)
-  config = _reversible.Config(
-      loss_fn=loss_with_consts,
+  traced_momentum = any(_schedules.concrete_value(n) is None for n in problem.steps.numerator)
+  return _reversible.Config(
+      loss_fn=problem.loss_fn,
       layout=layout,
       num_steps=int(problem.steps.t.shape[0]),
       capacity_chunks=_capacity_chunks(method, problem, layout),
@@ -218,48 +272,91 @@ def _reversible_config(method, problem):
                       else method.share_gradient),
       checks=method.checks,
       check_reversal=method.check_reversal,
+      min_momentum=method.min_momentum if traced_momentum else None,
       user_x64=bool(jax.config.jax_enable_x64),
   )
-  return config, hparams
 
 
-def _float_scan(method, problem):
-  """Momentum SGD in floats, differentiated by JAX (store-all or checkpointed)."""
-  loss_grad = jax.grad(problem.loss_fn)
+@dataclasses.dataclass(frozen=True)
+class _FloatConfig:
+  """Everything static about one float-method run (hashable: a jit static argument)."""
+
+  loss_fn: Any
+  dtypes: tuple  # the parameter leaves' dtypes
+  method: Any  # Unroll or Checkpoint
+  user_x64: bool
+
+
+def _float_scan(config, params, velocity, hparams, steps):
+  """Momentum SGD in floats, differentiated by JAX (store-all or checkpointed).
+
+  The state is carried in each leaf's compute dtype (at least float32), as the reversible
+  method carries it on its fine grid; the loss sees the weights in the leaves' own dtypes.
+  """
+  def loss_grad(w, t):
+    with jax.enable_x64(config.user_x64):
+      w_leaves = [x.astype(d) for x, d in zip(w, config.dtypes)]
+      g = jax.grad(config.loss_fn)(w_leaves, hparams, t)
+    return [x.astype(y.dtype) for x, y in zip(g, w)]
 
   def step(carry, s):
     w, v = carry
-    t, alpha, gamma = s
-    g = loss_grad(w, problem.hparams, t)
-    v = _reversible.velocity_update(v, g, gamma)
+    t, alpha, gamma, _ = s
+    v = _reversible.velocity_update(v, loss_grad(w, t), gamma)
     return (_reversible.position_update(w, v, alpha), v), None
 
-  carry = (problem.params, problem.velocity)
-  steps = tuple(problem.steps)
-  num_steps = problem.steps.t.shape[0]
+  compute = [_fixed_point.compute_dtype(d) for d in config.dtypes]
+  carry = ([x.astype(d) for x, d in zip(params, compute)],
+           [x.astype(d) for x, d in zip(velocity, compute)])
+  steps = tuple(steps)
+  num_steps = steps[0].shape[0]
+  method = config.method
   if isinstance(method, Unroll):
-    return jax.lax.scan(step, carry, steps)[0]
-  k = method.segment_length or math.ceil(math.sqrt(num_steps))
-  if k == 1:
-    return jax.lax.scan(jax.checkpoint(step), carry, steps)[0]
+    w, v = jax.lax.scan(step, carry, steps)[0]
+  else:
+    k = method.segment_length or math.ceil(math.sqrt(num_steps))
+    if k == 1:
+      w, v = jax.lax.scan(jax.checkpoint(step), carry, steps)[0]
+    else:
+      @jax.checkpoint
+      def segment(carry, segment_steps):
+        return jax.lax.scan(step, carry, segment_steps)[0], None
 
-  @jax.checkpoint
-  def segment(carry, segment_steps):
-    return jax.lax.scan(step, carry, segment_steps)[0], None
-
-  whole = num_steps // k * k
-  head = jax.tree_util.tree_map(lambda x: x[:whole].reshape((-1, k) + x.shape[1:]), steps)
-  carry = jax.lax.scan(segment, carry, head)[0]
-  if whole < num_steps:
-    carry = segment(carry, jax.tree_util.tree_map(lambda x: x[whole:], steps))[0]
-  return carry
+      whole = num_steps // k * k
+      head = jax.tree_util.tree_map(lambda x: x[:whole].reshape((-1, k) + x.shape[1:]), steps)
+      carry = jax.lax.scan(segment, carry, head)[0]
+      if whole < num_steps:
+        carry = segment(carry, jax.tree_util.tree_map(lambda x: x[whole:], steps))[0]
+      w, v = carry
+  return ([x.astype(d) for x, d in zip(w, config.dtypes)],
+          [x.astype(d) for x, d in zip(v, config.dtypes)])
 
 
-def _float_stats(problem, params_out, velocity_out):
+def _run_float(config, params, velocity, hparams, steps, invalid):
+  params_out, velocity_out = _float_scan(config, params, velocity, hparams, steps)
   zero = jnp.zeros((), jnp.float32)
   false = jnp.zeros((), jnp.bool_)
-  return Stats(zero, zero, zero, zero, false, false, problem.invalid,
-               _reversible.any_non_finite(params_out, velocity_out))
+  stats = Stats(zero, zero, zero, zero, false, false, invalid,
+                _reversible.any_non_finite(params_out, velocity_out))
+  failed = _reversible.check(stats, config.method.checks)
+  params_out, velocity_out = _errors.poison(failed, (params_out, velocity_out))
+  return params_out, velocity_out, stats
+
+
+def _run_method(config, params, velocity, hparams, steps, invalid):
+  if isinstance(config, _reversible.Config):
+    return _reversible.run(config, params, velocity, hparams, steps, invalid)
+  return _run_float(config, params, velocity, hparams, steps, invalid)
+
+
+# Eager calls go through one jitted program per static configuration, so that an identical
+# call reuses it (the configs hash by value, the loss by its jaxpr).
+_run_method_jit = jax.jit(_run_method, static_argnums=0)
+
+
+def _at_top_level():
+  """Whether no JAX transformation is tracing the caller (eager values)."""
+  return jax_core.trace_ctx.is_top_level()
 
 
 def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
@@ -278,8 +375,24 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
   instead of storing it (Maclaurin, Duvenaud & Adams, ICML 2015).
 
   Momenta are rounded to multiples of ``2**-16`` (the exact arithmetic needs a rational
-  momentum), by every method alike; gradients pass straight through the rounding. A momentum
-  below ``2**-17`` is clipped to ``2**-16`` with a warning.
+  momentum), from the values given (at least float32, whatever the leaves' dtype), by every
+  method alike; gradients pass straight through the rounding. A momentum below ``2**-17`` is
+  clipped to ``2**-16`` with a warning.
+
+  Precision: every method carries the state at least in float32 (``Reversible``: on a 2**-48
+  grid; ``Unroll``/``Checkpoint``: in the leaf's dtype widened to float32) and computes the
+  updates in that precision; ``loss_fn`` sees the weights in the leaves' own dtypes, and the
+  results come back in them.
+
+  Transformations: ``jit``, ``vmap`` and first-order reverse mode (``jax.grad``, ``jax.vjp``,
+  ``jax.jacrev``) work with every method. Forward mode and higher-order derivatives
+  (``jax.jvp``, ``jax.hessian``, grad of grad) need ``method="unroll"`` or ``"checkpoint"``;
+  through ``Reversible`` they raise a ``TypeError`` that says so.
+
+  Failures (a diverging run, bit-stack overflow, invalid hyperparameters, non-finite results)
+  are recorded in ``result.stats``. Called eagerly, ``sgd`` raises ``ReversalError``; inside
+  ``jit`` (where raising would need a host callback) the outputs, and any hypergradient, are
+  NaN instead: call ``stats.raise_if_failed()`` on statistics returned from ``jit``.
 
   Args:
     loss_fn: ``loss_fn(params, hparams, t) -> scalar`` training loss at step ``t`` (an int32
@@ -304,8 +417,10 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
     ValueError: bad arguments (non-float params, wrong schedule shape or structure, momentum
       outside [0, 1], non-finite learning rate, ``num_steps < 1``, traced momentum without
       ``Reversible(min_momentum=...)``).
-    ReversalError: at run time (also under ``jit``), when the exact training leaves the
-      fixed-point range (a diverging run) or overflows the bit stack.
+    ReversalError: when the values are concrete (an eager call, or an eager ``jax.grad``),
+      and the training leaves the fixed-point range (a diverging run), overflows the bit
+      stack, has invalid hyperparameters or non-finite results. Under ``jit``: NaN outputs.
+    TypeError: forward-mode or higher-order differentiation through ``Reversible``.
 
   Example::
 
@@ -320,18 +435,26 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
   """
   method = _method(method)
   problem = _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity)
-  unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
   if isinstance(method, Reversible):
-    config, hparams_all = _reversible_config(method, problem)
-    params_out, velocity_out, stats = _reversible.run(
-        config, problem.params, problem.velocity, hparams_all, problem.steps, problem.invalid)
+    config = _reversible_config(method, problem)
   else:
-    params_out, velocity_out = _float_scan(method, problem)
-    stats = _float_stats(problem, params_out, velocity_out)
+    config = _FloatConfig(problem.loss_fn, tuple(jnp.result_type(x) for x in problem.params),
+                          method, bool(jax.config.jax_enable_x64))
+  args = (problem.params, problem.velocity, problem.hparams, problem.steps, problem.invalid)
+  if _at_top_level():
+    params_out, velocity_out, stats = _run_method_jit(config, *args)
     if method.checks:
-      _errors.raise_if(problem.invalid, _reversible.INVALID_HYPERPARAMETERS)
+      _reversible.check(stats, True, getattr(config, "min_momentum", None))
+  else:
+    params_out, velocity_out, stats = _run_method(config, *args)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
+  unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
   return SGDResult(unflatten(params_out), unflatten(velocity_out), stats)
+
+
+# Compiled as one program, so that a call outside jit does not dispatch op by op; cached like
+# _run_method_jit.
+_train_and_reverse_jit = jax.jit(_reversible.train_and_reverse, static_argnums=0)
 
 
 def round_trip(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
@@ -340,6 +463,8 @@ def round_trip(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, 
 
   Takes the arguments of ``sgd``. Use it to verify on your own problem that the reverse pass
   rebuilds the initial state bit for bit (``result.exact``), e.g. after changing ``loss_fn``.
+  Identical calls reuse one compiled program. A run that fails (see ``sgd``) raises
+  ``ReversalError`` unless the method has ``checks=False``.
 
   Returns:
     ``RoundTrip``: final state, the rebuilt initial state, ``exact`` (a bool scalar array:
@@ -358,11 +483,11 @@ def round_trip(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, 
   if not isinstance(method, Reversible):
     raise ValueError(f"round_trip needs a reversible method, got {method!r}.")
   problem = _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity)
-  config, hparams_all = _reversible_config(method, problem)
-  # Compiled as one program, so that a call outside jit does not dispatch op by op.
-  params_out, velocity_out, stats, rebuilt = jax.jit(
-      _reversible.train_and_reverse, static_argnums=0)(
-          config, problem.params, problem.velocity, hparams_all, problem.steps, problem.invalid)
+  config = _reversible_config(method, problem)
+  params_out, velocity_out, stats, rebuilt = _train_and_reverse_jit(
+      config, problem.params, problem.velocity, problem.hparams, problem.steps, problem.invalid)
+  if method.checks:
+    _reversible.check(stats, True, config.min_momentum)
   unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
   return RoundTrip(
       params=unflatten(params_out),

@@ -104,18 +104,18 @@ def test_closed_over_arrays_get_gradients():
                              expected, rtol=1e-4)
 
 
-def test_vmap_over_hyperparameter_settings_matches_a_loop():
+def test_vmap_over_hyperparameter_settings_matches_a_loop_of_unroll():
   params, velocity, hparams, _, _, num_steps = problem()
 
-  def meta(lr):
+  def meta(lr, method="reversible"):
     out = revhyper.sgd(loss_fn, params, hparams, num_steps=num_steps, learning_rate=lr,
-                       momentum=0.9)
+                       momentum=0.9, method=method)
     return jnp.sum(out.params["a"] ** 2)
 
   lrs = jnp.asarray([0.01, 0.03, 0.1], jnp.float32)
   batched = jax.jit(jax.vmap(jax.value_and_grad(meta)))(lrs)
   for i, lr in enumerate(lrs):
-    value, grad = jax.value_and_grad(meta)(lr)
+    value, grad = jax.value_and_grad(meta)(lr, "unroll")
     np.testing.assert_allclose(batched[0][i], value, rtol=1e-6)
     np.testing.assert_allclose(batched[1][i], grad, rtol=1e-5)
 

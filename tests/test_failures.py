@@ -1,0 +1,197 @@
+"""Failures are recorded, raised where values are concrete, and never a quiet wrong number.
+
+Also: the checks cost no host callback (so the persistent compilation cache can store the
+programs), report per element under vmap, and the gradient path's reversal check fires.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import revhyper
+
+
+def loss_fn(w, h, t):
+  scale = 1.0 + 0.1 * jnp.sin(t.astype(w["a"].dtype))
+  return scale * jnp.sum((w["a"] - h) ** 2) + 0.05 * jnp.sum(w["a"] ** 4) + jnp.sum(
+      jnp.log(jnp.cosh(w["b"])))
+
+
+PARAMS = {"a": jnp.linspace(-1.0, 1.5, 5, dtype=jnp.float32), "b": jnp.full((2, 3), 0.7)}
+
+
+def objective(h, lr, method="reversible", num_steps=60, momentum=0.9):
+  out = revhyper.sgd(loss_fn, PARAMS, h, num_steps=num_steps, learning_rate=lr,
+                     momentum=momentum, method=method)
+  return jnp.sum(out.params["a"] ** 2) + jnp.sum(out.params["b"]), out.stats
+
+
+@pytest.mark.parametrize("method", [revhyper.Reversible(min_momentum=0.5),
+                                    revhyper.Reversible(min_momentum=0.5, check_reversal=True),
+                                    "unroll", "checkpoint"], ids=str)
+def test_compiled_hypergradients_hold_no_host_callback(method):
+  grad = jax.jit(jax.grad(lambda h, lr, m: objective(h, lr, method, momentum=m)[0],
+                         argnums=(0, 1, 2)))
+  text = grad.lower(jnp.float32(0.3), jnp.float32(0.05), jnp.float32(0.9)).as_text()
+  assert "callback" not in text.lower()
+
+
+def test_reversible_programs_hold_no_host_callback_with_checks():
+  def meta(h):
+    out = revhyper.sgd(loss_fn, PARAMS, h, num_steps=20, learning_rate=0.05, momentum=0.9,
+                       method=revhyper.Reversible(check_reversal=True))
+    return jnp.sum(out.params["a"])
+  text = jax.jit(jax.value_and_grad(meta)).lower(jnp.float32(0.3)).as_text()
+  assert "callback" not in text.lower()
+
+
+def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
+  script = textwrap.dedent(f"""
+      import os, time, jax, jax.numpy as jnp, revhyper
+      jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+      jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+      def loss(w, h, t):
+        return jnp.sum((w - h) ** 2) + 0.1 * jnp.sum(w ** 4)
+      def meta(h):
+        out = revhyper.sgd(loss, jnp.ones(4), h, num_steps=50, learning_rate=0.05,
+                           momentum=0.9, method=revhyper.Reversible(check_reversal=True))
+        return jnp.sum(out.params ** 2)
+      start = time.perf_counter()
+      jax.jit(jax.grad(meta)).lower(jnp.float32(0.3)).compile()
+      print(time.perf_counter() - start)
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for _ in range(2):
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+  entries = [f for f in os.listdir(tmp_path) if not f.endswith("-atime")]
+  assert entries, "the persistent cache stored nothing"
+
+
+def test_vmap_reports_failures_per_element_and_keeps_the_others_exact():
+  lrs = jnp.asarray([0.02, 60.0, 0.05], jnp.float32)
+  grad = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+  h = jnp.float32(0.3)
+  (values, stats), grads = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(h, lrs)
+  np.testing.assert_array_equal(np.asarray(stats.failed), [False, True, False])
+  assert np.isnan(values[1]) and np.isnan(grads[0][1]) and np.isnan(grads[1][1])
+  for i in (0, 2):
+    (value, _), expected = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        h, lrs[i], "unroll")
+    np.testing.assert_allclose(values[i], value, rtol=1e-5)
+    np.testing.assert_allclose(grads[1][i], expected[1], rtol=1e-4)
+  with pytest.raises(revhyper.ReversalError, match=r"batch elements \[1\].*fixed-point"):
+    stats.raise_if_failed()
+
+
+@pytest.mark.parametrize("method", ["unroll", "checkpoint"])
+def test_float_methods_raise_on_non_finite_results_eagerly_and_are_nan_under_jit(method):
+  exploding = lambda w, h, t: jnp.sum(w["a"] ** 2) + jnp.sum(w["b"] ** 2)
+  kwargs = dict(num_steps=300, learning_rate=50.0, momentum=0.5, method=method)
+  with pytest.raises(revhyper.ReversalError, match="non-finite"):
+    revhyper.sgd(exploding, PARAMS, None, **kwargs)
+  out = jax.jit(lambda p: revhyper.sgd(exploding, p, None, **kwargs))(PARAMS)
+  assert bool(out.stats.non_finite) and bool(out.stats.failed)
+  unchecked = revhyper.Unroll(checks=False) if method == "unroll" else revhyper.Checkpoint(
+      checks=False)
+  out = revhyper.sgd(exploding, PARAMS, None, **dict(kwargs, method=unchecked))
+  assert bool(out.stats.non_finite)
+
+
+def test_stats_raise_if_failed_needs_concrete_values():
+  with pytest.raises(ValueError, match="outside jax.jit"):
+    jax.jit(lambda h: objective(h, 0.05)[1].raise_if_failed())(jnp.float32(0.3))
+  objective(jnp.float32(0.3), 0.05)[1].raise_if_failed()  # a good run: nothing raised
+
+
+# --- the gradient path's own reversal check ---------------------------------------------
+
+HARD_REGIMES = {
+    # momentum 0.3: 1.74 bits per weight per step, a spill every ~18 steps per lane
+    "low_momentum": dict(num_steps=300, momentum=0.3),
+    "long_run": dict(num_steps=2000, momentum=0.9),
+    "per_step_schedule": dict(num_steps=400, momentum=jnp.linspace(0.05, 0.999, 400)),
+    "per_leaf_schedule": dict(num_steps=250, momentum={
+        "a": jnp.linspace(0.2, 0.95, 250), "b": jnp.linspace(0.99, 0.4, 250)}),
+}
+
+
+@pytest.mark.parametrize("regime", sorted(HARD_REGIMES))
+def test_gradient_path_reverses_exactly_and_matches_unroll_where_the_stack_spills(regime):
+  kwargs = HARD_REGIMES[regime]
+
+  def meta(h, lr, method):
+    out = revhyper.sgd(loss_fn, PARAMS, h, learning_rate=lr, method=method, **kwargs)
+    return jnp.sum(out.params["a"] ** 2) + jnp.sum(out.params["b"]), out.stats
+
+  grad = jax.jit(jax.grad(meta, argnums=(0, 1), has_aux=True), static_argnums=2)
+  checked = revhyper.Reversible(check_reversal=True)
+  got, stats = grad(jnp.float32(0.3), jnp.float32(0.02), checked)
+  # Many spills in every lane, so that the backward pass refills many times.
+  lanes = PARAMS["a"].size + PARAMS["b"].size
+  assert float(stats.bits_stored) > 5 * 32 * lanes, float(stats.bits_stored)
+  assert np.all(np.isfinite(got))  # the in-pass check passed (a failure gives NaN)
+  # Against store-all backprop in float64: at T = 2000 the learning-rate hypergradient is a sum
+  # with much cancellation, where float32 unroll itself is off by 0.7% (reversible: 0.01%).
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+    def meta64(h, lr):
+      out = revhyper.sgd(loss_fn, to64(PARAMS), h, learning_rate=lr, method="unroll",
+                         **dict(kwargs, momentum=to64(kwargs["momentum"])))
+      return jnp.sum(out.params["a"] ** 2) + jnp.sum(out.params["b"])
+
+    expected = jax.jit(jax.grad(meta64, argnums=(0, 1)))(jnp.float64(0.3), jnp.float64(0.02))
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=2e-4)
+
+
+def _nondeterministic_loss(w, h, t):
+  # A host-side random number: the reverse pass cannot recompute this gradient.
+  noise = jax.pure_callback(lambda: np.float32(np.random.default_rng().normal()),
+                            jax.ShapeDtypeStruct((), jnp.float32))
+  return jnp.sum((w - h) ** 2) * (1.0 + 1e-3 * noise)
+
+
+def test_reversal_check_fires_on_a_nondeterministic_loss():
+  def meta(h, method):
+    out = revhyper.sgd(_nondeterministic_loss, jnp.ones(4), h, num_steps=30,
+                       learning_rate=0.1, momentum=0.9, method=method)
+    return jnp.sum(out.params ** 2)
+
+  checked = revhyper.Reversible(check_reversal=True)
+  with pytest.raises(revhyper.ReversalError, match="reversal check failed"):
+    jax.grad(meta)(jnp.float32(0.3), checked)  # eager: the rebuilt state is concrete
+  assert np.isnan(jax.jit(jax.grad(meta), static_argnums=1)(jnp.float32(0.3), checked))
+  # Without the check the gradient is finite and wrong: what the check is for.
+  unchecked = jax.jit(jax.grad(meta), static_argnums=1)(jnp.float32(0.3), "reversible")
+  assert np.isfinite(unchecked)
+
+
+# --- inputs that used to fail obscurely ---------------------------------------------------
+
+def test_params_of_size_zero_leaves_only_are_rejected_and_mixed_ones_work():
+  with pytest.raises(ValueError, match="at least one element"):
+    revhyper.sgd(lambda w, h, t: jnp.sum(w["x"]), {"x": jnp.zeros((0,))}, None, num_steps=3,
+                 learning_rate=0.1, momentum=0.9)
+  params = {"x": jnp.zeros((0, 2)), "y": jnp.ones(3)}
+  rt = revhyper.round_trip(lambda w, h, t: jnp.sum(w["y"] ** 2) + jnp.sum(w["x"]), params,
+                           None, num_steps=40, learning_rate=0.1, momentum=0.5)
+  assert bool(rt.exact)
+
+
+def test_a_model_object_as_params_gets_partition_advice():
+  class Model:
+    """Stands in for a module object with static fields (e.g. an activation function)."""
+
+  params = {"W": jnp.ones((2, 2)), "activation": jnp.tanh, "config": Model()}
+  with pytest.raises(ValueError, match=r"params\['activation'\] must be a float array.*"
+                                       r"eqx.partition"):
+    revhyper.sgd(lambda w, h, t: jnp.sum(w["W"]), params, None, num_steps=3,
+                 learning_rate=0.1, momentum=0.9)
