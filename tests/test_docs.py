@@ -1,4 +1,4 @@
-"""The documentation builds without a warning."""
+"""The documentation builds without a warning, and every how-to script is shown on a page."""
 
 import pathlib
 import subprocess
@@ -16,6 +16,13 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
        str(DOCS), str(tmp_path / "html")],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert build.returncode == 0, build.stdout + build.stderr
-  for page in ("index", "how_it_works", "api/core"):
+  for page in ("index", "how_it_works", "api/core", "howto/flax_nnx"):
     assert (tmp_path / "html" / f"{page}.html").is_file(), page
 
+
+def test_every_howto_script_is_included_by_a_page():
+  pages = "".join(p.read_text() for p in DOCS.rglob("*.rst"))
+  scripts = sorted((DOCS / "howto").glob("*.py"))
+  assert scripts
+  for script in scripts:
+    assert f".. literalinclude:: {script.name}" in pages, script.name
