@@ -26,7 +26,7 @@ def learning_rate_from_log(log_alpha: Any) -> Any:
     log_alpha: a pytree of floating arrays or scalars.
 
   Returns:
-    A pytree of the same structure: positive learning rates.
+    A pytree of the same structure, of positive learning rates.
 
   Example:
     >>> float(learning_rate_from_log(jnp.float32(-1.0)))  # the paper's starting value, e**-1
@@ -58,7 +58,7 @@ def init_scale_from_log(log_scale: Any) -> Any:
     log_scale: a pytree of floating arrays or scalars.
 
   Returns:
-    A pytree of the same structure: positive scales.
+    A pytree of the same structure, of positive scales.
 
   Example:
     >>> float(init_scale_from_log(jnp.float32(-3.0)))
