@@ -42,17 +42,6 @@ nitpick_ignore_regex = [
     ("py:class", r"(jax|jaxlib|numpy|optax|os|collections\.abc|typing)(\..+)?"),
 ]
 
-# Napoleon reads a property docstring's first line as "type: description". Properties whose
-# summary holds a colon but no type get their type prepended here, before napoleon runs.
-_PROPERTY_TYPES = {"revhyper.Stats.failed": "bool"}
-
-
-def _type_properties(app, what, name, obj, options, lines):
-  del app, obj, options
-  if what == "property" and name in _PROPERTY_TYPES and lines:
-    lines[0] = f"{_PROPERTY_TYPES[name]}: {lines[0]}"
-
-
 # The fields of revhyper's NamedTuples are documented by a comment beside each, which says
 # what the field holds (and its dtype and shape); autodoc would show "Alias for field number
 # N" instead. This puts the comment in its place.
@@ -87,6 +76,5 @@ def _field_comments(app, what, name, obj, options, lines):
 
 
 def setup(app):
-  app.connect("autodoc-process-docstring", _type_properties, priority=400)
   # After napoleon (priority 500): the comments are plain text, not "type: description".
   app.connect("autodoc-process-docstring", _field_comments, priority=600)

@@ -290,8 +290,8 @@ class Stats(NamedTuple):
 
   @property
   def failed(self):
-    """The run cannot be trusted: overflow of the grid or the stack, bad hyperparameters, or
-    non-finite results. With checks on (the default) its outputs are then NaN."""
+    """bool: the run cannot be trusted (overflow of the grid or the stack, bad hyperparameters
+    or non-finite results); with checks on (the default) its outputs are then NaN."""
     return (self.fixed_point_overflow | self.buffer_overflow | self.invalid_hyperparameters
             | self.non_finite)
 

@@ -108,8 +108,8 @@ class RoundTrip(NamedTuple):
   initial_params: Any  # w_0 rebuilt by running training backwards
   initial_velocity: Any  # v_0 rebuilt likewise
   exact: jax.Array  # bool []: rebuilt integer state equals w_0, v_0 and the stack is empty
-  buffer_empty: jax.Array  # bool []
-  stats: Stats
+  buffer_empty: jax.Array  # bool []: the bit stack is empty after the reversal
+  stats: Stats  # the training run's diagnostics
 
 
 def _method(method):

@@ -1,0 +1,124 @@
+"""What revhyper's failure checks cost: hypergradient time with checks on and off, alone and
+under ``vmap``, and the compile time of a second process through JAX's persistent cache.
+
+The checks record every failure in ``Stats`` and turn the outputs of a failed run into NaN
+inside the compiled program (no host callback), so they should cost next to nothing, batch
+per element, and leave programs that the persistent compilation cache can store. This script
+measures all three side by side in one run and prints ratios.
+
+  python experiments/benchmark_checks.py                 # about a minute on 2 CPU cores
+  python experiments/benchmark_checks.py --batch=32 --steps=50 --repeats=5   # quicker
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+from absl import app
+from absl import flags
+
+import jax
+import jax.numpy as jnp
+import revhyper
+
+_STEPS = flags.DEFINE_integer("steps", 200, "Training steps T of each hypergradient.")
+_BATCH = flags.DEFINE_integer("batch", 128, "Hyperparameter settings batched by vmap.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per configuration (median).")
+_OUT = flags.DEFINE_string("out", None, "Optional path of a JSON file for the results.")
+
+# A small problem, where per-call overheads (host callbacks, say) would show most.
+_LOSS_SOURCE = """
+def loss_fn(w, h, t):
+  x = jnp.sin(jnp.arange(8.0) + t.astype(jnp.float32))
+  pred = jnp.tanh(x @ w["w"]) @ w["v"]
+  return (pred - 1.0) ** 2 + h * jnp.sum(w["w"] ** 2)
+
+PARAMS = {"w": 0.1 * jnp.ones((8, 4)), "v": 0.1 * jnp.ones(4)}
+"""
+exec(_LOSS_SOURCE)  # pylint: disable=exec-used  (the same source runs in the child process)
+
+
+def _hypergradient(checks, steps):
+  method = revhyper.Reversible(min_momentum=0.5, checks=checks)
+
+  def meta(h, lr):
+    out = revhyper.sgd(loss_fn, PARAMS, h, num_steps=steps,  # noqa: F821
+                       learning_rate=lr, momentum=0.9, method=method)
+    return jnp.sum(out.params["v"] ** 2)
+
+  return jax.grad(meta, argnums=(0, 1))
+
+
+def _measure(fn, args, repeats):
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return compile_s, statistics.median(times)
+
+
+def _second_process_compile(steps):
+  """Compile times of the same hypergradient in two fresh processes sharing a cache dir."""
+  script = textwrap.dedent("""
+      import sys, time, jax, jax.numpy as jnp, revhyper
+      jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  """) + _LOSS_SOURCE + textwrap.dedent(f"""
+      def meta(h, lr):
+        out = revhyper.sgd(loss_fn, PARAMS, h, num_steps={steps}, learning_rate=lr,
+                           momentum=0.9, method=revhyper.Reversible(min_momentum=0.5))
+        return jnp.sum(out.params["v"] ** 2)
+      args = (jnp.float32(1e-3), jnp.float32(0.05))
+      start = time.perf_counter()
+      jax.jit(jax.grad(meta, argnums=(0, 1))).lower(*args).compile()
+      print(time.perf_counter() - start)
+  """)
+  with tempfile.TemporaryDirectory() as cache:
+    return [float(subprocess.run([sys.executable, "-c", script, cache], check=True,
+                                 capture_output=True, text=True).stdout.split()[-1])
+            for _ in range(2)]
+
+
+def main(argv):
+  del argv
+  steps, batch = _STEPS.value, _BATCH.value
+  h, lr = jnp.float32(1e-3), jnp.float32(0.05)
+  lrs = jnp.linspace(0.01, 0.1, batch, dtype=jnp.float32)
+  rows = {}
+  for checks in (True, False):
+    grad = _hypergradient(checks, steps)
+    rows[("single", checks)] = _measure(grad, (h, lr), _REPEATS.value)
+    rows[("vmap", checks)] = _measure(jax.vmap(grad, in_axes=(None, 0)), (h, lrs),
+                                      max(3, _REPEATS.value // 4))
+  first, second = _second_process_compile(steps)
+  print(f"reversible hypergradient, T = {steps}, jax {jax.__version__} on "
+        f"{jax.default_backend()}: median run time (compile time)")
+  print(f"{'':>18} {'checks on':>22} {'checks off':>22} {'on / off':>9}")
+  results = {"steps": steps, "batch": batch, "rows": {}}
+  for kind, label in (("single", "one setting"), ("vmap", f"vmap, B = {batch}")):
+    on, off = rows[(kind, True)], rows[(kind, False)]
+    print(f"{label:>18} {on[1] * 1e3:10.3f} ms ({on[0]:5.2f} s) "
+          f"{off[1] * 1e3:10.3f} ms ({off[0]:5.2f} s) {on[1] / off[1]:8.3f}x")
+    results["rows"][kind] = {"checks_on_s": on[1], "checks_off_s": off[1],
+                             "compile_on_s": on[0], "compile_off_s": off[0]}
+  print(f"compile through the persistent cache: first process {first:.2f} s, "
+        f"second process {second:.2f} s")
+  results["persistent_cache_compile_s"] = [first, second]
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
