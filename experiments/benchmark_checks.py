@@ -28,7 +28,7 @@ import revhyper
 
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps T of each hypergradient.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Hyperparameter settings batched by vmap.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per configuration (median).")
+_REPEATS = flags.DEFINE_integer("repeats", 200, "Timed calls per configuration (median).")
 _OUT = flags.DEFINE_string("out", None, "Optional path of a JSON file for the results.")
 
 # A small problem, where per-call overheads (host callbacks, say) would show most.
@@ -54,17 +54,22 @@ def _hypergradient(checks, steps):
   return jax.grad(meta, argnums=(0, 1))
 
 
-def _measure(fn, args, repeats):
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
+def _measure_pair(fns, args, repeats):
+  """Compile times and median run times of several functions, timed round-robin so that a
+  change in the machine's load falls on all of them alike."""
+  compiled, compile_s = [], []
+  for fn in fns:
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
+    compiled.append(jax.jit(fn).lower(*args).compile())
+    compile_s.append(time.perf_counter() - start)
+    jax.block_until_ready(compiled[-1](*args))
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for f, record in zip(compiled, times):
+      start = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      record.append(time.perf_counter() - start)
+  return [(c, statistics.median(t)) for c, t in zip(compile_s, times)]
 
 
 def _second_process_compile(steps):
@@ -95,11 +100,10 @@ def main(argv):
   h, lr = jnp.float32(1e-3), jnp.float32(0.05)
   lrs = jnp.linspace(0.01, 0.1, batch, dtype=jnp.float32)
   rows = {}
-  for checks in (True, False):
-    grad = _hypergradient(checks, steps)
-    rows[("single", checks)] = _measure(grad, (h, lr), _REPEATS.value)
-    rows[("vmap", checks)] = _measure(jax.vmap(grad, in_axes=(None, 0)), (h, lrs),
-                                      max(3, _REPEATS.value // 4))
+  grads = [_hypergradient(checks, steps) for checks in (True, False)]
+  rows[("single", True)], rows[("single", False)] = _measure_pair(grads, (h, lr), _REPEATS.value)
+  rows[("vmap", True)], rows[("vmap", False)] = _measure_pair(
+      [jax.vmap(g, in_axes=(None, 0)) for g in grads], (h, lrs), max(3, _REPEATS.value // 4))
   first, second = _second_process_compile(steps)
   print(f"reversible hypergradient, T = {steps}, jax {jax.__version__} on "
         f"{jax.default_backend()}: median run time (compile time)")

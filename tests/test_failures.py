@@ -195,3 +195,15 @@ def test_a_model_object_as_params_gets_partition_advice():
                                        r"eqx.partition"):
     revhyper.sgd(lambda w, h, t: jnp.sum(w["W"]), params, None, num_steps=3,
                  learning_rate=0.1, momentum=0.9)
+
+
+def test_a_whole_equinox_module_as_params_gets_partition_advice():
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  model = eqx.nn.MLP(3, 1, 4, 1, key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"must be a float array.*eqx.partition"):
+    revhyper.sgd(lambda m, h, t: jnp.sum(m(jnp.ones(3))), model, None, num_steps=3,
+                 learning_rate=0.1, momentum=0.9)
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  out = revhyper.sgd(lambda p, h, t: jnp.sum(eqx.combine(p, static)(jnp.ones(3)) ** 2), params,
+                     None, num_steps=3, learning_rate=0.1, momentum=0.9)
+  assert not bool(out.stats.failed)
