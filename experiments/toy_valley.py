@@ -28,6 +28,8 @@ contours, one per meta-iteration, like the paper's figure) and ``schedules.png``
 Run from the repository root::
 
   python experiments/toy_valley.py --out_dir results/toy_valley     # the paper's run, ~10 s
+  python experiments/toy_valley.py --config=experiments/configs/toy_valley.py:quick \
+      --out_dir /tmp/toy_valley_quick                                 # the same, under 30 s
 """
 
 import os

@@ -3,11 +3,14 @@
 Each launcher runs as a subprocess, so that its absl flags stay out of the test process.
 """
 
+import ast
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -19,6 +22,50 @@ def start_launcher(script, out_dir, flags, stdout=subprocess.PIPE, stderr=subpro
   return subprocess.Popen(
       [sys.executable, str(EXPERIMENTS / script), f"--out_dir={out_dir}", *flags], cwd=REPO,
       stdout=stdout, stderr=stderr, text=True)
+
+
+def quick(script, *overrides):
+  """The flags of ``script``'s quick preset, then ``--config.<field>=value`` overrides."""
+  name = pathlib.Path(script).stem
+  return [f"--config={EXPERIMENTS / 'configs' / name}.py:quick",
+          *(f"--config.{o}" for o in overrides)]
+
+
+def claimed_quick_seconds(script):
+  """The time the launcher's docstring promises for its quick preset: '... # under N s'."""
+  doc = ast.get_docstring(ast.parse((EXPERIMENTS / script).read_text()))
+  match = re.search(r":quick.*?#[^\n]*under (\d+) s", doc, re.S)
+  assert match, f"{script}'s docstring states no time for its quick preset"
+  return int(match.group(1))
+
+
+def run_all(jobs, parallel=2, timeout=600):
+  """Runs ``{name: (script, out_dir, flags)}``, at most ``parallel`` at once (one per core).
+
+  Returns ``{name: (out_dir, returncode, output, seconds)}``; seconds is the process's wall
+  time, interpreter start and imports included.
+  """
+  pending, running, done = list(jobs.items()), {}, {}
+  while pending or running:
+    while pending and len(running) < parallel:
+      name, (script, out_dir, flags) = pending.pop(0)
+      log = open(pathlib.Path(out_dir).parent / f"{pathlib.Path(out_dir).name}.log", "w+")
+      running[name] = (start_launcher(script, out_dir, flags, stdout=log, stderr=log),
+                       out_dir, log, time.monotonic())
+    for name, (proc, out_dir, log, started) in list(running.items()):
+      try:
+        returncode = proc.wait(timeout=0.2)
+      except subprocess.TimeoutExpired:
+        if time.monotonic() - started < timeout:
+          continue
+        proc.kill()
+        returncode = proc.wait()
+      seconds = time.monotonic() - started
+      log.seek(0)
+      done[name] = (out_dir, returncode, log.read(), seconds)
+      log.close()
+      del running[name]
+  return done
 
 
 def finish(proc, timeout):

@@ -27,7 +27,10 @@ def get_config(preset="paper"):
   c.log_init_scale = -2.0
   c.log_l2 = -4.0  # L2 on the free weights z, fixed in the learned run (the authors')
   c.initial_sharing = 0.5  # T_l = (1 - s) I + s / K at the start of meta-learning
-  c.meta_step = 0.2
+  # The authors' step is 0.2 on Omniglot (--config.meta_step=0.2 with omniglot_dir). On the
+  # MNIST stand-in the hypergradient is about 0.05 at the start, and 0.2 leaves the mixing
+  # where it began after 20 steps; 5 moves it (a larger step diverges within a few steps).
+  c.meta_step = 5.0
   c.meta_iterations = 20
   c.seed = 0
   # Baselines are tuned: their L2 is the best of this grid by validation NLL.
@@ -35,11 +38,11 @@ def get_config(preset="paper"):
   # Held-out evaluation: fresh initial draws (and train/valid redraws for the validation
   # score), mean ± sd over this many seeds.
   c.eval_seeds = 20
-  if preset == "quick":  # a smoke run: about 15 s on 2 CPU cores
+  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
     c.mnist_split = (8, 4, 10)
     c.hidden = (16, 8)
     c.num_steps = 10
-    c.meta_iterations = 3
+    c.meta_iterations = 6
     c.baseline_log_l2_grid = (-6.0, -4.0)
   elif preset != "paper":
     raise ValueError(f"unknown preset {preset!r}: use 'paper' or 'quick'")
