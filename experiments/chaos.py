@@ -261,7 +261,7 @@ def main(argv):
       best_log_learning_rate=best, best_training_loss=None if best is None else float(
           np.nanmin(np.where(failed, np.nan, values))),
       method="Reversible(checks=False)", wall_seconds=time.time() - start)
-  common.save_results(out_dir, "chaotic hypergradients (figure 11)", c, results, DEPARTURES)
+  common.write_results(out_dir, "chaotic hypergradients (figure 11)", c, results, DEPARTURES)
   common.save_figure(plot_sweep(log_rates, values, grads, fd, failed, disagree, onset, best,
                                 exploded, c.magnitude_threshold), out_dir, "chaos.png")
   logging.info("Wrote %s (%.1f s)", out_dir, time.time() - start)

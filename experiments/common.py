@@ -29,7 +29,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_DATA_NOTE = (
     "Ran on the 10,000 bundled MNIST digits (revhyper.datasets.load_mnist()), fewer than the "
-    "paper's splits; set config.mnist_dir to a folder with the four MNIST IDX files for the full data set.")
+    "paper's splits; set config.mnist_dir to a folder with the four MNIST IDX files for the "
+    "full data set.")
 # Seed streams: meta-training draws its initial noise and minibatches from one stream, held-out
 # evaluation from another, so that no evaluation seed was ever seen while meta-training.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
@@ -141,7 +142,7 @@ def provenance():
           "python": platform.python_version(), "numpy": np.__version__}
 
 
-def save_results(out_dir, experiment, config, results, departures=(), name="results.json"):
+def write_results(out_dir, experiment, config, results, departures=(), name="results.json"):
   """Writes one launcher's ``results.json`` atomically, in the schema all launchers share.
 
   Top level: ``schema``, ``experiment`` (which figure), ``provenance`` (commit, JAX version,
@@ -149,15 +150,20 @@ def save_results(out_dir, experiment, config, results, departures=(), name="resu
   run differs from the paper's code, one sentence each), ``written_at``, then the launcher's
   own ``results`` (dicts, lists, arrays, scalars). Returns the path.
   """
-  path = os.path.join(out_dir, name)
   config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   record = {"schema": RESULTS_SCHEMA, "experiment": experiment, "provenance": provenance(),
-            "config": _jsonable(config), "departures": list(departures),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  for key, value in _jsonable(results).items():
-    if key in record:
+            "config": config, "departures": list(departures)}
+  for key, value in results.items():
+    if key in record or key == "written_at":
       raise ValueError(f"results may not redefine the shared field {key!r}")
     record[key] = value
+  return save_results(out_dir, record, name)
+
+
+def save_results(out_dir, results, name="results.json"):
+  """Writes ``results`` (dicts, lists, arrays, scalars) as JSON atomically; returns the path."""
+  path = os.path.join(out_dir, name)
+  record = dict(_jsonable(results), written_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(record, f, indent=1, allow_nan=True)

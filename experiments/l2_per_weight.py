@@ -230,7 +230,7 @@ def main(argv):
           summary=dict(min=float(w_log.min()), max=float(w_log.max()),
                        median=float(np.median(w_log)))),
       wall_seconds=time.time() - start)
-  common.save_results(out_dir, "L2 penalty per weight (figure 8)", c, results, DEPARTURES)
+  common.write_results(out_dir, "L2 penalty per weight (figure 8)", c, results, DEPARTURES)
   common.save_figure(plot_penalty_maps(w_log, c.initial_log_penalty), out_dir,
                      "penalty_maps.png")
   common.save_figure(plot_meta_curve(result.history, results_held_out), out_dir,

@@ -187,7 +187,7 @@ def main(argv):
       learned=dict(images=images, labels=list(range(NUM_CLASSES)),
                    l2_penalty=float(np.exp(result.hparams["log_l2"]))),
       wall_seconds=time.time() - start)
-  common.save_results(out_dir, "learning the training set (figure 9)", c, results, DEPARTURES)
+  common.write_results(out_dir, "learning the training set (figure 9)", c, results, DEPARTURES)
   common.save_figure(plot_images(images), out_dir, "learned_images.png")
   common.save_figure(plot_meta_curve(result.history, held_out), out_dir,
                      "meta_learning_curve.png")

@@ -358,7 +358,7 @@ def main(argv):
       held_out=held_out, baseline_l2_search=search,
       test_nll={n: held_out[n]["test_nll"]["mean"] for n in ("separate", "tied", "learned")},
       learned_mixing=t_learned, learned_correlations=corr, wall_seconds=time.time() - start)
-  common.save_results(out_dir, "multitask mixing (figure 10)", c, results, departures)
+  common.write_results(out_dir, "multitask mixing (figure 10)", c, results, departures)
   fig = plot_coupling(corr, names)
   data_title = ("MNIST stand-in for Omniglot: 5 digit groups + their rotations"
                 if not c.omniglot_dir else "Omniglot: 5 alphabets + their rotations")

@@ -380,7 +380,7 @@ def main(argv):
       held_out=held_out,
       learning_curves=dict(steps=steps, before=curves["before"], after=curves["after"]),
       learned=learned, inverse_sqrt_fan_in=fan_in, wall_seconds=time.time() - start)
-  common.save_results(out_dir, "schedules (figures 2-7)", c, results, DEPARTURES)
+  common.write_results(out_dir, "schedules (figures 2-7)", c, results, DEPARTURES)
 
   iterations = len(result.history)
   initial_alpha, initial_gamma = float(np.exp(c.log_learning_rate)), c.momentum

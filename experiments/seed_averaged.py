@@ -187,7 +187,7 @@ def main(argv):
       final_training_loss=common.mean_sd(losses), mean_hypergradient=mean, standard_error=sem,
       check_against_unroll=dict(seeds=c.check_seeds, max_relative_difference=worst),
       wall_seconds=time.time() - start)
-  common.save_results(out_dir, "seed-averaged hypergradients (figure 5)", c, results,
+  common.write_results(out_dir, "seed-averaged hypergradients (figure 5)", c, results,
                       DEPARTURES)
   common.save_figure(plot_hypergradients(names, mean, sem, n), out_dir,
                      "seed_averaged_hypergradients.png")

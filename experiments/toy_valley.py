@@ -179,7 +179,7 @@ def main(argv):
       final_loss_per_run=final_losses, history=result.history,
       trajectories=paths, learning_rates=alphas, momenta=gammas,
       wall_seconds=time.time() - start_time)
-  common.save_results(out_dir, "toy valley (figure 1)", c, results, DEPARTURES)
+  common.write_results(out_dir, "toy valley (figure 1)", c, results, DEPARTURES)
   common.save_figure(plot_trajectories(paths, start), out_dir, "trajectories.png")
   common.save_figure(plot_schedules(alphas, gammas), out_dir, "schedules.png")
   logging.info("Wrote %s (%.1f s)", out_dir, time.time() - start_time)
