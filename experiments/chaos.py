@@ -40,8 +40,10 @@ Run from the repository root::
   python experiments/chaos.py --config=experiments/configs/chaos.py:quick \
       --out_dir /tmp/chaos_quick                               # under 30 s
   python experiments/chaos.py --config.centre_inputs=True --out_dir results/chaos_centred
+  python experiments/chaos.py --replot --out_dir results/chaos   # redraw chaos.png only
 """
 
+import json
 import os
 import sys
 import time
@@ -61,8 +63,12 @@ import revhyper  # noqa: E402
 
 CONFIG = common.define_config("chaos")
 common.define_out_dir("results/chaos")
+flags.DEFINE_bool("replot", False, "Only redraw chaos.png from the results.json in out_dir.")
 
 FLAGS = flags.FLAGS
+# Chaotic hypergradients reach 1e40; the plot clips them at this magnitude (marked) so that
+# the stable part stays readable.
+PLOT_LIMIT = 1e8
 DEPARTURES = (
     "The first 1000 of the 10,000 bundled MNIST digits (the paper's code: the first 1000 of the "
     "full training set).",
@@ -159,14 +165,20 @@ def plot_sweep(log_rates, values, grads, fd, failed, disagree, onset, best, expl
   top.set_yscale("log")
   top.set_ylabel("training loss after T steps")
   top.set_title("Loss and its hypergradient over learning rates")
-  bottom.plot(log_rates, fd, "-", color="C1", lw=1.0, label="central finite difference")
+  bottom.plot(log_rates, np.clip(fd, -PLOT_LIMIT, PLOT_LIMIT), "-", color="C1", lw=1.0,
+              label="central finite difference")
   judged = np.isfinite(fd) | failed  # the ends have no finite difference: no verdict
-  bottom.plot(log_rates[ok & ~judged], grads[ok & ~judged], ".", ms=4, color="0.5",
+  shown = np.clip(grads, -PLOT_LIMIT, PLOT_LIMIT)
+  bottom.plot(log_rates[ok & ~judged], shown[ok & ~judged], ".", ms=4, color="0.5",
               label="hypergradient (no finite difference)")
-  bottom.plot(log_rates[ok & judged & ~disagree], grads[ok & judged & ~disagree], ".", ms=4,
+  bottom.plot(log_rates[ok & judged & ~disagree], shown[ok & judged & ~disagree], ".", ms=4,
               color="C0", label="hypergradient (agrees)")
-  bottom.plot(log_rates[ok & disagree], grads[ok & disagree], ".", ms=4, color="C3",
+  bottom.plot(log_rates[ok & disagree], shown[ok & disagree], ".", ms=4, color="C3",
               label="hypergradient (disagrees)")
+  clipped = ok & (np.abs(grads) > PLOT_LIMIT)
+  if clipped.any():
+    bottom.plot(log_rates[clipped], shown[clipped], "^", ms=4, mfc="none", color="C3",
+                label=f"hypergradient beyond ±{PLOT_LIMIT:.0e} (clipped)")
   # Chaotic hypergradients span orders of magnitude; symlog keeps the stable part readable.
   finite = np.abs(grads[ok & np.isfinite(grads)])
   small = max(float(np.percentile(finite, 25)) if finite.size else 1e-3, 1e-6)
@@ -187,7 +199,7 @@ def plot_sweep(log_rates, values, grads, fd, failed, disagree, onset, best, expl
   bottom.plot([], [], ":", color="0.3", label="lowest loss")
   bottom.plot([], [], "--", color="C3", label="stops agreeing with finite differences")
   bottom.plot([], [], "-.", color="C4", label=f"|hypergradient| first > {threshold:g}")
-  bottom.legend(fontsize=8, loc="best")
+  bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return fig
 
 
@@ -198,10 +210,27 @@ def first_above(log_rates, values, threshold):
   return float(log_rates[np.argmax(above)]) if above.any() else None
 
 
+def replot(out_dir):
+  """Redraws chaos.png from a finished sweep's results.json (its own config, not --config)."""
+  with open(os.path.join(out_dir, "results.json")) as f:
+    r = json.load(f)
+  arrays = {k: np.asarray(r[k], dtype=float) for k in (
+      "log_learning_rates", "training_loss", "hypergradient", "finite_difference")}
+  common.save_figure(plot_sweep(
+      arrays["log_learning_rates"], arrays["training_loss"], arrays["hypergradient"],
+      arrays["finite_difference"], np.asarray(r["failed"], bool), np.asarray(r["disagree"], bool),
+      r["chaos_onset_log_learning_rate"], r["best_log_learning_rate"],
+      r["hypergradient_exceeds_threshold_log_learning_rate"],
+      r["config"]["magnitude_threshold"]), out_dir, "chaos.png")
+
+
 def main(argv):
   del argv
   start = time.time()
   c = CONFIG.value
+  if FLAGS.replot:
+    replot(FLAGS.out_dir)
+    return
   if c.batches == "consecutive" and c.num_train % c.batch_size:
     raise app.UsageError("consecutive batches need batch_size to divide num_train")
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
