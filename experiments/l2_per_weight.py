@@ -37,7 +37,7 @@ Run from the repository root::
 
   python experiments/l2_per_weight.py --out_dir results/l2_per_weight     # ~1 min
   python experiments/l2_per_weight.py --config=experiments/configs/l2_per_weight.py:quick \
-      --out_dir /tmp/l2_quick                                               # under 30 s
+      --out_dir /tmp/l2_quick                                               # under 30 CPU-seconds
 """
 
 import os

@@ -34,7 +34,7 @@ Run from the repository root::
 
   python experiments/learn_data.py --out_dir results/learn_data     # ~1 min
   python experiments/learn_data.py --config=experiments/configs/learn_data.py:quick \
-      --out_dir /tmp/learn_data_quick                                 # under 30 s
+      --out_dir /tmp/learn_data_quick                                 # under 30 CPU-seconds
 """
 
 import os

@@ -48,7 +48,7 @@ Run from the repository root::
   python experiments/multitask.py --config.omniglot_dir=$HOME/data/omniglot \\
       --out_dir results/multitask_omniglot
   python experiments/multitask.py --config=experiments/configs/multitask.py:quick \\
-      --out_dir /tmp/multitask_quick                                       # under 30 s
+      --out_dir /tmp/multitask_quick                                       # under 80 CPU-seconds
 """
 
 import os

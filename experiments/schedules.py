@@ -42,7 +42,7 @@ Run from the repository root::
 
   python experiments/schedules.py --out_dir results/schedules     # the paper's settings, ~3 min
   python experiments/schedules.py --config=experiments/configs/schedules.py:quick \
-      --out_dir /tmp/schedules_quick                                # under 30 s
+      --out_dir /tmp/schedules_quick                                # under 40 CPU-seconds
   python experiments/schedules.py --out_dir results/schedules --resume   # continue a run
 """
 

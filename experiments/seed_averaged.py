@@ -24,7 +24,7 @@ Run from the repository root::
 
   python experiments/seed_averaged.py --out_dir results/seed_averaged    # ~5 min
   python experiments/seed_averaged.py --config=experiments/configs/seed_averaged.py:quick \\
-      --out_dir /tmp/seed_averaged_quick                                  # under 30 s
+      --out_dir /tmp/seed_averaged_quick                                  # under 40 CPU-seconds
 """
 
 import os

@@ -29,7 +29,7 @@ Run from the repository root::
 
   python experiments/toy_valley.py --out_dir results/toy_valley     # the paper's run, ~10 s
   python experiments/toy_valley.py --config=experiments/configs/toy_valley.py:quick \
-      --out_dir /tmp/toy_valley_quick                                 # the same, under 30 s
+      --out_dir /tmp/toy_valley_quick                       # the same, under 20 CPU-seconds
 """
 
 import os

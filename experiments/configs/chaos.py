@@ -31,7 +31,7 @@ def get_config(preset="paper"):
   c.abs_floor = 1e-4
   c.window = 9
   c.magnitude_threshold = 1e3
-  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
+  if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.num_train = 200
     c.layer_sizes = (784, 30, 10)
     c.num_steps = 20

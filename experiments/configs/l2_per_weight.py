@@ -26,7 +26,7 @@ def get_config(preset="paper"):
   c.eval_seeds = 20
   # Baseline: the best single penalty shared by all weights, by validation loss.
   c.uniform_grid = (-10.0, -9.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0)
-  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
+  if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.split = (1000, 500, 500)
     c.num_steps = 10
     c.batch_size = 100

@@ -23,7 +23,7 @@ def get_config(preset="paper"):
   c.meta_iterations = 40
   c.seed = 0
   c.eval_seeds = 20  # held-out initial draws w0
-  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
+  if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.split = (1000, 500)
     c.num_steps = 10
     c.meta_iterations = 5

@@ -38,7 +38,7 @@ def get_config(preset="paper"):
   # Held-out evaluation: fresh initial draws (and train/valid redraws for the validation
   # score), mean ± sd over this many seeds.
   c.eval_seeds = 20
-  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
+  if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.mnist_split = (8, 4, 10)
     c.hidden = (16, 8)
     c.num_steps = 10

@@ -37,7 +37,7 @@ def get_config(preset="paper"):
   c.min_momentum = 0.01
   c.method = "reversible"  # or "unroll", "checkpoint": the same hypergradients
   c.checkpoint_every = 5
-  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
+  if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.split = (1000, 500, 500)
     c.layer_sizes = (784, 20, 10)
     c.num_steps = 10

@@ -23,7 +23,7 @@ def get_config(preset="paper"):
   c.chunk = 10  # seeds per vmapped call
   # Seeds whose hypergradient is recomputed by plain backprop (method "unroll") as a check.
   c.check_seeds = 2
-  if preset == "quick":  # a smoke run: under 30 s on 2 CPU cores (the docstring says so)
+  if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.num_train = 500
     c.layer_sizes = (784, 20, 10)
     c.num_steps = 10
