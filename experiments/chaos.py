@@ -36,7 +36,7 @@ alpha on top, hypergradient and finite difference below, like the paper).
 
 Run from the repository root::
 
-  python experiments/chaos.py --out_dir results/chaos         # the paper's settings, ~10 min
+  python experiments/chaos.py --out_dir results/chaos      # the paper's settings, ~30 min
   python experiments/chaos.py --config=experiments/configs/chaos.py:quick \
       --out_dir /tmp/chaos_quick                               # under 30 CPU-seconds
   python experiments/chaos.py --config.centre_inputs=True --out_dir results/chaos_centred

@@ -105,8 +105,9 @@ def meta_optimize(
       ``key`` it takes a second argument, ``meta_loss_fn(hparams, key_i)``.
     hparams: the initial hyperparameters, any pytree of floating arrays.
     num_iterations: the total number of iterations (those restored from a checkpoint count).
-    optimizer: an optax GradientTransformation; the default is ``optax.adam(0.04)``, the
-      paper's meta-optimizer for its MNIST experiments.
+    optimizer: an optax GradientTransformation; the default is ``optax.adam(0.04)``: Adam with
+      the step size of the paper's MNIST experiments. The authors' code used its own Adam
+      variant, ``paper_adam(0.04)``.
     checkpoint_dir: a folder for checkpoints and ``history.json``; None keeps nothing on disk.
     checkpoint_every: write a checkpoint every this many iterations, and after the last one.
     resume: continue from the latest checkpoint in ``checkpoint_dir`` (starting afresh when it

@@ -88,7 +88,7 @@ def test_meta_optimize_decreases_a_quadratic_and_writes_history(tmp_path):
   assert sorted(os.listdir(tmp_path)) == expected
 
 
-def test_default_optimizer_is_the_papers_adam_and_step_is_traced_once(capsys):
+def test_default_optimizer_is_optax_adam_and_step_is_traced_once(capsys):
   traces = []
 
   def meta_loss(h):

@@ -6,7 +6,8 @@ from ml_collections import config_dict
 def get_config(preset="paper"):
   c = config_dict.ConfigDict()
   # Data: the bundled 10,000 digits split train/valid/test (the paper: 10k/10k/10k of full
-  # MNIST); inputs scaled to [0, 1] and centred with the training mean, as the paper's code.
+  # MNIST); inputs scaled to [0, 1] and centred with the training split's mean image (the
+  # paper's code: the mean of the 60,000 MNIST training digits).
   c.split = (5000, 2500, 2500)
   c.mnist_dir = ""  # a folder with the four MNIST IDX files: full MNIST, split 10k/10k/10k
   c.layer_sizes = (784, 50, 50, 50, 10)
