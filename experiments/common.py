@@ -1,11 +1,16 @@
-"""Small helpers shared by the experiment launchers: settings, data, output files, figures.
+"""Small helpers shared by the experiment launchers: configs, seeds, data, results, figures.
 
-Launchers are flat absl scripts; this module holds only what several of them do the same
-way. It imports only revhyper's public API.
+Launchers are flat absl scripts configured by an ``ml_collections`` config file per launcher
+(``experiments/configs/<launcher>.py``, one preset per argument of its ``get_config``); this
+module holds only what several of them do the same way: the config flag, the seed streams of
+meta-training and held-out evaluation, the results file (one versioned schema for all
+launchers) and a few plots. It imports only revhyper's public API.
 """
 
 import json
 import os
+import platform
+import subprocess
 import time
 
 import matplotlib
@@ -13,35 +18,72 @@ import matplotlib
 matplotlib.use("Agg")  # launchers run headless; figures go to files
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import jax.numpy as jnp  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 import revhyper  # noqa: E402
 
+RESULTS_SCHEMA = "revhyper.experiments.results/2"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_DATA_NOTE = (
-    "Ran on the 10,000 bundled MNIST digits (revhyper.datasets.load_mnist()), fewer than the paper's "
-    "splits; pass --mnist_dir with the four MNIST IDX files for the full data set.")
+    "Ran on the 10,000 bundled MNIST digits (revhyper.datasets.load_mnist()), fewer than the "
+    "paper's splits; set config.mnist_dir to a folder with the four MNIST IDX files for the "
+    "full data set.")
+# Seed streams: meta-training draws its initial noise and minibatches from one stream, held-out
+# evaluation from another, so that no evaluation seed was ever seen while meta-training.
+_TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
-def setting(flag_values, name, paper, quick):
-  """The flag ``name``, or where it was left at None its value in ``paper`` (``quick`` with
-  --quick). A list flag comes back as a tuple of ints."""
-  value = getattr(flag_values, name)
-  if value is not None:
-    return tuple(int(v) for v in value) if isinstance(value, list) else value
-  return (quick if flag_values.quick else paper)[name]
+def define_config(launcher, preset="paper"):
+  """Defines ``--config``, defaulting to ``experiments/configs/<launcher>.py:<preset>``.
+
+  ``--config=experiments/configs/<launcher>.py:quick`` picks another preset, and
+  ``--config.<field>=value`` overrides one field.
+  """
+  return config_flags.DEFINE_config_file(
+      "config", os.path.join(CONFIG_DIR, f"{launcher}.py") + f":{preset}",
+      f"The {launcher} settings: a config file and preset, e.g. "
+      f"experiments/configs/{launcher}.py:quick; override fields with --config.<field>=...",
+      lock_config=True)
 
 
-def split_sizes(split_flag, quick, mnist_dir, *, bundled, idx, quick_sizes):
-  """Sizes of the data splits: the --split flag where given, else ``quick_sizes`` with
-  --quick, else ``idx`` with --mnist_dir (full MNIST) and ``bundled`` without."""
-  if split_flag:
-    return tuple(int(v) for v in split_flag)
-  if quick:
-    return quick_sizes
-  return idx if mnist_dir else bundled
+def define_out_dir(default):
+  flags.DEFINE_string("out_dir", default, "Folder for results.json and the figures.")
 
 
-def load_mnist_splits(mnist_dir, sizes, seed, names):
-  """Disjoint random splits of MNIST of ``sizes``, centred with the mean of the first.
+def meta_training_key(seed):
+  """The key whose ``fold_in(key, i)`` seeds meta-iteration i (noise and minibatches)."""
+  return jax.random.fold_in(jax.random.key(seed), _TRAIN_STREAM)
+
+
+def held_out_keys(seed, num_seeds):
+  """``num_seeds`` keys of fresh initial noise and minibatch order, disjoint from training's."""
+  return jax.random.split(jax.random.fold_in(jax.random.key(seed), _EVAL_STREAM), num_seeds)
+
+
+def mean_sd(values):
+  """``{"mean", "sd", "n", "values"}`` of per-seed numbers (sd with ddof=1; 0 for one value)."""
+  values = np.asarray(values, np.float64).reshape(-1)
+  sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+  return {"mean": float(np.mean(values)), "sd": sd, "n": int(values.size),
+          "values": values.tolist()}
+
+
+def summarise_seeds(per_seed):
+  """``mean_sd`` of each entry of a dict of per-seed arrays (e.g. a vmapped evaluation)."""
+  return {name: mean_sd(values) for name, values in jax.device_get(per_seed).items()}
+
+
+def format_mean_sd(stats, scale=1.0, digits=3, unit=""):
+  """'0.123 ± 0.004' from a ``mean_sd`` dict (``scale=100, unit="%"`` for error rates)."""
+  return (f"{stats['mean'] * scale:.{digits}f}{unit} ± {stats['sd'] * scale:.{digits}f}{unit}")
+
+
+def load_mnist_splits(mnist_dir, sizes, seed, names, centre=True):
+  """Disjoint random splits of MNIST of ``sizes``, scaled to [0, 1] (and centred with the mean
+  of the first split unless ``centre`` is False).
 
   The digits are the bundled 10,000 (``revhyper.datasets.load_mnist()``), or with ``mnist_dir`` the
   full 70,000 of the four IDX files there. ``names`` names the splits in the note, e.g.
@@ -60,6 +102,9 @@ def load_mnist_splits(mnist_dir, sizes, seed, names):
     note = BUNDLED_DATA_NOTE + f" Split {names} {split}."
   parts = revhyper.datasets.split_data(images, labels, sizes, seed=seed)
   mean = revhyper.datasets.pixel_mean(parts[0][0])
+  if not centre:
+    mean = np.zeros_like(mean)
+    note += " Inputs scaled to [0, 1], not centred."
   data = [(jnp.asarray(revhyper.datasets.preprocess(x, mean)), jnp.asarray(y, jnp.int32))
           for x, y in parts]
   return data, note
@@ -79,6 +124,40 @@ def _jsonable(value):
   if hasattr(value, "tolist"):  # numpy and jax arrays, numpy scalars
     return value.tolist()
   return value
+
+
+def provenance():
+  """What produced a result: the commit (and whether the tree had changes), JAX, the backend."""
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True,
+                            timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+      return None
+  status = git("status", "--porcelain", "--untracked-files=no")
+  device = jax.devices()[0]
+  return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(status),
+          "jax_version": jax.__version__, "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)),
+          "python": platform.python_version(), "numpy": np.__version__}
+
+
+def write_results(out_dir, experiment, config, results, departures=(), name="results.json"):
+  """Writes one launcher's ``results.json`` atomically, in the schema all launchers share.
+
+  Top level: ``schema``, ``experiment`` (which figure), ``provenance`` (commit, JAX version,
+  backend, device), ``config`` (the resolved config, every field), ``departures`` (how this
+  run differs from the paper's code, one sentence each), ``written_at``, then the launcher's
+  own ``results`` (dicts, lists, arrays, scalars). Returns the path.
+  """
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  record = {"schema": RESULTS_SCHEMA, "experiment": experiment, "provenance": provenance(),
+            "config": config, "departures": list(departures)}
+  for key, value in results.items():
+    if key in record or key == "written_at":
+      raise ValueError(f"results may not redefine the shared field {key!r}")
+    record[key] = value
+  return save_results(out_dir, record, name)
 
 
 def save_results(out_dir, results, name="results.json"):
@@ -126,3 +205,29 @@ def meta_learning_curve(history, values, final, label, ylabel="loss after traini
   ax.set_title("Meta-learning curve")
   ax.grid(alpha=0.3)
   return fig, ax
+
+
+def band(ax, x, per_seed, label, colour, ls="-"):
+  """Plots the mean over seeds (rows of ``per_seed``) and a shaded band of one sd around it."""
+  per_seed = np.asarray(per_seed, np.float64)
+  mean = per_seed.mean(axis=0)
+  sd = per_seed.std(axis=0, ddof=1) if per_seed.shape[0] > 1 else np.zeros_like(mean)
+  ax.plot(x, mean, ls, color=colour, label=f"{label} (mean ± sd, {per_seed.shape[0]} seeds)")
+  ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.25, lw=0)
+
+
+def before_after_bars(ax, names, before, after, ylabel, scale=1.0):
+  """Bars of the held-out mean before and after meta-learning, with one-sd error bars.
+
+  ``before`` and ``after`` map each name to a ``mean_sd`` dict.
+  """
+  x = np.arange(len(names))
+  for offset, (label, stats, colour) in ((-0.2, ("before", before, "0.6")),
+                                         (0.2, ("after", after, "C0"))):
+    ax.bar(x + offset, [stats[n]["mean"] * scale for n in names], 0.4,
+           yerr=[stats[n]["sd"] * scale for n in names], color=colour, capsize=3, label=label)
+  ax.set_xticks(x)
+  ax.set_xticklabels(names)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend(fontsize=8)

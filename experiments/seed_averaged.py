@@ -1,24 +1,30 @@
-"""Hypergradients of the learning-rate schedule, averaged over random seeds.
+"""Hypergradients of the learning-rate and momentum schedules, averaged over random seeds.
 
 Reproduces figure 5 of Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter
-Optimization through Reversible Learning" (ICML 2015): the gradient of the final training loss
-with respect to the learning rate alpha_t of every training step t and weight type, for the
-tanh MLP 784-50-50-50-10 trained by T = 100 steps of momentum SGD (batch 200, alpha = e^-1,
-gamma = 0.5, initial scale e^-3: the starting point of the schedule experiment). One seed's
-hypergradient is noisy in t; averaged over seeds (each with its own initial-weight noise and
-minibatch order) it is a smooth function of t. The figure shows the mean over seeds per layer,
-with a band of one standard error of that mean.
+Optimization through Reversible Learning" (ICML 2015), with the settings of the authors' code
+(HIPS/hypergrad, experiments/Feb_3_training_schedules/5_initial_gradient): the gradient of the
+final training loss with respect to the log learning rate log alpha_t and the logit momentum
+logit gamma_t of every training step t and weight type, for the tanh MLP 784-50-50-50-10
+trained by T = 100 steps of momentum SGD (batch 200 drawn with replacement, alpha = e^-1,
+gamma = 0.5, initial scale e^-3: the starting point of the schedule experiment), averaged over
+100 seeds (each with its own initial-weight noise and minibatches). One seed's hypergradient
+is noisy in t; the average is a smooth function of t. The figure shows the mean per layer with
+a band of one standard error of that mean. The first ``check_seeds`` seeds are recomputed by
+plain backprop (``method="unroll"``) and the largest relative difference is recorded.
 
-Data: the 10,000 bundled MNIST digits by default (5000 of them for training); with
-``--mnist_dir`` the full IDX files (10,000 training digits, as in the paper).
+Departures from the authors' code (also in results.json): 5000 of the bundled digits for
+training (the paper's code: 10,000 of full MNIST; ``config.mnist_dir`` for the full data);
+noise and minibatches from JAX's generator.
 
-Outputs in ``--out_dir``: ``results.json`` (settings, which data, per-seed and mean
-hypergradients per weight type) and ``seed_averaged_hypergradients.png``.
+Outputs in ``--out_dir``: ``results.json`` (the shared schema: commit, JAX version, backend,
+config, departures; then the mean and standard error per weight type, the per-seed final
+losses, the check against backprop) and ``seed_averaged_hypergradients.png``.
 
 Run from the repository root::
 
-  python experiments/seed_averaged.py --out_dir results/seed_averaged
-  python experiments/seed_averaged.py --quick --out_dir results/seed_averaged_quick  # < 1 min
+  python experiments/seed_averaged.py --out_dir results/seed_averaged    # ~5 min
+  python experiments/seed_averaged.py --config=experiments/configs/seed_averaged.py:quick \\
+      --out_dir /tmp/seed_averaged_quick                                  # under 40 CPU-seconds
 """
 
 import os
@@ -38,151 +44,152 @@ import common  # noqa: E402  (needs the path above)
 import matplotlib.pyplot as plt  # noqa: E402  (common chooses the headless backend first)
 import revhyper  # noqa: E402
 
-# Flags left at None take the paper's value, or the --quick value with --quick.
-flags.DEFINE_string("out_dir", "results/seed_averaged", "Folder for results and figures.")
-flags.DEFINE_bool("quick", False, "A small run that finishes in under a minute on 2 CPU cores.")
-flags.DEFINE_integer("num_seeds", None, "Seeds to average over (default 10, quick 3).")
-flags.DEFINE_integer("num_steps", None, "Training steps T (paper 100, quick 20).")
-flags.DEFINE_integer("batch_size", None, "Minibatch size (paper 200, quick 100).")
-flags.DEFINE_list("layer_sizes", None, "MLP widths (paper 784,50,50,50,10, quick 784,50,50,10).")
-flags.DEFINE_integer("num_train", None,
-                     "Training digits (bundled data 5000, --mnist_dir 10000, quick 1000).")
-flags.DEFINE_integer("seed", 0, "First seed; seeds seed .. seed + num_seeds - 1 are used.")
-flags.DEFINE_float("log_learning_rate", -1.0, "Log learning rate of every step (paper -1).")
-flags.DEFINE_float("momentum", 0.5, "Momentum of every step (paper 0.5).")
-flags.DEFINE_float("log_init_scale", -3.0, "Log initialisation scale (paper -3).")
-flags.DEFINE_string("mnist_dir", None,
-                    "Folder with the four MNIST IDX files; default: the bundled 10,000 digits.")
+CONFIG = common.define_config("seed_averaged")
+common.define_out_dir("results/seed_averaged")
 
 FLAGS = flags.FLAGS
-
-PAPER = dict(num_seeds=10, num_steps=100, batch_size=200, layer_sizes=(784, 50, 50, 50, 10))
-QUICK = dict(num_seeds=3, num_steps=20, batch_size=100, layer_sizes=(784, 50, 50, 10))
-BUNDLED_TRAIN, IDX_TRAIN, QUICK_TRAIN = 5000, 10000, 1000
-
-
-def _setting(name):
-  return common.setting(FLAGS, name, PAPER, QUICK)
+DEPARTURES = (
+    "5000 of the 10,000 bundled MNIST digits for training (the paper's code: 10,000 of full "
+    "MNIST).",
+    "Initial noise and minibatches are drawn by JAX's generator from per-seed keys.",
+)
+KINDS = ("log_learning_rate", "logit_momentum")
 
 
-def load_train(mnist_dir, num_train):
-  """The first ``num_train`` training digits, scaled to [0, 1] and centred with their mean."""
-  if mnist_dir:
-    images, labels = revhyper.datasets.load_mnist_idx(mnist_dir)["train"]
-    note = f"Ran on full MNIST from {mnist_dir} ({num_train} training digits)."
-  else:
-    images, labels = revhyper.datasets.load_mnist()
-    note = common.BUNDLED_DATA_NOTE + f" {num_train} training digits."
-  ((x, y),) = revhyper.datasets.split_data(images, labels, (num_train,))
-  x = revhyper.datasets.preprocess(x, revhyper.datasets.pixel_mean(x))
-  return jnp.asarray(x), jnp.asarray(y, jnp.int32), note
+def load_train(c):
+  """``num_train`` training digits, scaled to [0, 1] and centred with their mean."""
+  ((x, y),), note = common.load_mnist_splits(c.mnist_dir, (c.num_train,), c.seed, ("train",))
+  return x, y, note
 
 
-def make_hypergradient(x_train, y_train, layer_sizes, num_steps, batch_size, momentum):
-  """``hypergradient(key, alpha, log_scale) -> (loss, d loss / d alpha)``, jitted.
+def make_hypergradient(x_train, y_train, c, method):
+  """``hypergradient(keys [n], h) -> (loss [n], d loss / d h, one [n] leaf per leaf of h)``.
 
-  The key seeds both the initial-weight noise and the minibatch order, so one compiled
+  Each key seeds one training run's initial-weight noise and minibatches, so one compiled
   function serves every seed.
   """
-  num_train = int(x_train.shape[0])
+  num_train, layer_sizes = int(x_train.shape[0]), tuple(c.layer_sizes)
 
   def loss(params, x, y):
     return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, x), y)
 
-  @jax.jit
-  def hypergradient(key, alpha, log_scale):
+  def final_loss(h, key):
     noise_key, batch_key = jax.random.split(key)
-    noise = revhyper.models.mlp_noise(noise_key, layer_sizes)
 
     def batch_loss(params, _, t):
-      idx = revhyper.datasets.batch_indices(batch_key, t, num_train, batch_size)
+      if c.batches == "with_replacement":
+        idx = jax.random.randint(jax.random.fold_in(batch_key, t), (c.batch_size,), 0,
+                                 num_train)
+      else:
+        idx = revhyper.datasets.batch_indices(batch_key, t, num_train, c.batch_size)
       return loss(params, x_train[idx], y_train[idx])
 
-    def final_loss(alpha):
-      params = revhyper.models.mlp_init_from_noise(noise, log_scale)
-      # The momentum is a concrete Python float, not a traced argument, so the bit stack is
-      # sized from its value and no min_momentum bound is needed.
-      out = revhyper.sgd(batch_loss, params, None, num_steps=num_steps, learning_rate=alpha,
-                         momentum=momentum)
-      return loss(out.params, x_train, y_train)
+    noise = revhyper.models.mlp_noise(noise_key, layer_sizes)
+    params = revhyper.models.mlp_init_from_noise(noise, h["log_init_scale"])
+    out = revhyper.sgd(batch_loss, params, None, num_steps=c.num_steps,
+                       learning_rate=revhyper.hyper.learning_rate_from_log(h["log_learning_rate"]),
+                       momentum=revhyper.hyper.momentum_from_logit(h["logit_momentum"]),
+                       method=method)
+    return loss(out.params, x_train, y_train)
 
-    return jax.value_and_grad(final_loss)(alpha)
+  @jax.jit
+  def hypergradient(keys, h):
+    return jax.vmap(jax.value_and_grad(final_loss), in_axes=(None, 0))(h, keys)
 
   return hypergradient
 
 
-def plot_hypergradients(names, per_seed, num_seeds):
-  """Two panels (weights, biases): mean hypergradient per layer over t, +- one standard error."""
+def leaf_names(tree):
+  return [f"{path[1].key}{path[0].idx + 1}"
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def plot_hypergradients(names, mean, sem, num_seeds):
+  """2 x 2 panels (learning rate, momentum) x (weights, biases): mean over seeds per layer."""
   num_layers = len(names) // 2
   colours = plt.cm.viridis(np.linspace(0.0, 0.85, num_layers))
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  for ax, kind in zip(axes, ("W", "b")):
-    for layer in range(num_layers):
-      g = np.asarray(per_seed[f"{kind}{layer + 1}"])  # [seeds, T]
-      mean = g.mean(axis=0)
-      sem = g.std(axis=0, ddof=1) / np.sqrt(num_seeds) if num_seeds > 1 else np.zeros_like(mean)
-      t = np.arange(g.shape[1])
-      ax.plot(t, mean, color=colours[layer], label=f"layer {layer + 1}")
-      ax.fill_between(t, mean - sem, mean + sem, color=colours[layer], alpha=0.25, lw=0)
-    ax.axhline(0.0, color="0.5", lw=0.8)
-    ax.set_title(f"{'Weights' if kind == 'W' else 'Biases'}: mean over {num_seeds} seeds")
+  fig, axes = plt.subplots(2, 2, figsize=(11, 6.4), sharex=True)
+  labels = {"log_learning_rate": r"$\partial L / \partial \log \alpha_t$",
+            "logit_momentum": r"$\partial L / \partial\, \mathrm{logit}\, \gamma_t$"}
+  for row, kind in enumerate(KINDS):
+    for col, part in enumerate(("W", "b")):
+      ax = axes[row, col]
+      for layer in range(num_layers):
+        name = f"{part}{layer + 1}"
+        m, e = np.asarray(mean[kind][name]), np.asarray(sem[kind][name])
+        t = np.arange(len(m))
+        ax.plot(t, m, color=colours[layer], label=f"layer {layer + 1}")
+        ax.fill_between(t, m - e, m + e, color=colours[layer], alpha=0.25, lw=0)
+      ax.axhline(0.0, color="0.5", lw=0.8)
+      ax.grid(alpha=0.3)
+      if row == 0:
+        ax.set_title(f"{'Weights' if part == 'W' else 'Biases'}: mean ± s.e.m. over "
+                     f"{num_seeds} seeds")
+      if col == 0:
+        ax.set_ylabel(labels[kind])
+  for ax in axes[-1]:
     ax.set_xlabel("training step t")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel(r"$\partial$ final training loss / $\partial \alpha_t$")
-  axes[1].legend(fontsize=8, loc="best")
+  axes[0, 1].legend(fontsize=8, loc="best")
   return fig
 
 
 def main(argv):
   del argv
   start = time.time()
-  num_seeds, num_steps = _setting("num_seeds"), _setting("num_steps")
-  layer_sizes, batch_size = _setting("layer_sizes"), _setting("batch_size")
-  if FLAGS.num_train is not None:
-    num_train = FLAGS.num_train
-  elif FLAGS.quick:
-    num_train = QUICK_TRAIN
-  else:
-    num_train = IDX_TRAIN if FLAGS.mnist_dir else BUNDLED_TRAIN
-  settings = dict(num_seeds=num_seeds, num_steps=num_steps, batch_size=batch_size,
-                  layer_sizes=layer_sizes, num_train=num_train, first_seed=FLAGS.seed,
-                  learning_rate=float(np.exp(FLAGS.log_learning_rate)),
-                  momentum=FLAGS.momentum, init_scale=float(np.exp(FLAGS.log_init_scale)),
-                  quick=FLAGS.quick, method="reversible",
-                  differentiated="final training loss w.r.t. alpha_t per weight type")
+  c = CONFIG.value
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
-  x_train, y_train, data_note = load_train(FLAGS.mnist_dir, num_train)
+  x_train, y_train, data_note = load_train(c)
   logging.info("%s", data_note)
-  logging.info("Settings: %s", settings)
+  logging.info("Config:\n%s", c)
 
-  hypergradient = make_hypergradient(x_train, y_train, layer_sizes, num_steps, batch_size,
-                                     FLAGS.momentum)
-  like = revhyper.models.mlp_noise(jax.random.key(0), layer_sizes)  # only for the tree structure
-  names = [f"{path[1].key}{path[0].idx + 1}"
-           for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
-  alpha = revhyper.hyper.learning_rate_from_log(
-      revhyper.hyper.constant_schedule(like, num_steps, FLAGS.log_learning_rate))
-  log_scale = revhyper.hyper.constant_like(like, FLAGS.log_init_scale)
+  like = revhyper.models.mlp_noise(jax.random.key(0), tuple(c.layer_sizes))
+  names = leaf_names(like)
+  h = {"log_learning_rate": revhyper.hyper.constant_schedule(like, c.num_steps,
+                                                             c.log_learning_rate),
+       "logit_momentum": revhyper.hyper.constant_schedule(
+           like, c.num_steps, float(revhyper.hyper.logit(jnp.float32(c.momentum)))),
+       "log_init_scale": revhyper.hyper.constant_like(like, c.log_init_scale)}
+  # The momentum is traced (it is differentiated), so the bit stack is sized from a bound.
+  hypergradient = make_hypergradient(
+      x_train, y_train, c, revhyper.Reversible(min_momentum=c.momentum))
+  keys = common.meta_training_key(c.seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(keys, i))(jnp.arange(c.num_seeds))
 
-  losses, per_seed = [], {name: [] for name in names}
-  for i in range(num_seeds):
+  losses, per_seed = [], {kind: {name: [] for name in names} for kind in KINDS}
+  for lo in range(0, c.num_seeds, c.chunk):
     tic = time.time()
-    value, grad = hypergradient(jax.random.key(FLAGS.seed + i), alpha, log_scale)
-    losses.append(float(value))
-    for name, g in zip(names, jax.tree_util.tree_leaves(grad)):
-      per_seed[name].append(np.asarray(g))
-    logging.info("seed %d/%d: final training loss %.4f, %.2f s", i + 1, num_seeds, value,
-                 time.time() - tic)
+    chunk = keys[lo:lo + c.chunk]
+    value, grad = jax.device_get(hypergradient(chunk, h))
+    losses.extend(np.asarray(value).tolist())
+    for kind in KINDS:
+      for name, g in zip(names, jax.tree_util.tree_leaves(grad[kind])):
+        per_seed[kind][name].extend(np.asarray(g))
+    logging.info("seeds %d/%d: %.1f s", lo + len(chunk), c.num_seeds, time.time() - tic)
 
-  mean = {name: np.mean(g, axis=0) for name, g in per_seed.items()}
-  sem = {name: (np.std(g, axis=0, ddof=1) / np.sqrt(num_seeds) if num_seeds > 1
-                else np.zeros(num_steps)) for name, g in per_seed.items()}
-  results = dict(experiment="seed-averaged hypergradients (figure 5)", settings=settings,
-                 data=data_note, final_training_loss=losses, mean_hypergradient=mean,
-                 standard_error=sem, per_seed_hypergradient=per_seed,
-                 wall_seconds=time.time() - start)
-  common.save_results(out_dir, results)
-  common.save_figure(plot_hypergradients(names, per_seed, num_seeds), out_dir,
+  # The check: the same hypergradients by plain backprop through the stored trajectory.
+  check = make_hypergradient(x_train, y_train, c, "unroll")
+  _, reference = jax.device_get(check(keys[:c.check_seeds], h))
+  worst = 0.0
+  for kind in KINDS:
+    for name, g in zip(names, jax.tree_util.tree_leaves(reference[kind])):
+      ours = np.asarray(per_seed[kind][name][:c.check_seeds])
+      worst = max(worst, float(np.max(np.abs(ours - g)) / max(np.max(np.abs(g)), 1e-30)))
+  logging.info("Largest difference from backprop on %d seeds: %.2e of the largest entry",
+               c.check_seeds, worst)
+
+  n = c.num_seeds
+  mean = {k: {name: np.mean(g, axis=0) for name, g in v.items()} for k, v in per_seed.items()}
+  sem = {k: {name: (np.std(g, axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(c.num_steps))
+             for name, g in v.items()} for k, v in per_seed.items()}
+  results = dict(
+      data=data_note, differentiated="final training loss w.r.t. log alpha_t and logit "
+      "gamma_t per weight type, at the schedule experiment's starting point",
+      final_training_loss=common.mean_sd(losses), mean_hypergradient=mean, standard_error=sem,
+      check_against_unroll=dict(seeds=c.check_seeds, max_relative_difference=worst),
+      wall_seconds=time.time() - start)
+  common.write_results(out_dir, "seed-averaged hypergradients (figure 5)", c, results,
+                      DEPARTURES)
+  common.save_figure(plot_hypergradients(names, mean, sem, n), out_dir,
                      "seed_averaged_hypergradients.png")
   logging.info("Wrote %s (%.1f s)", out_dir, time.time() - start)
 

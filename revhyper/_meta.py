@@ -5,12 +5,19 @@ is typically a validation loss after ``revhyper.sgd``, whose hypergradient the r
 computes exactly. The loop is plain Python around one jit-compiled step (value, hypergradient,
 optax update), so it is compiled once and every iteration is cheap to log and checkpoint.
 
+A stochastic meta-objective (a new draw of initial weights and minibatches at every
+meta-iteration, as in the paper's schedule experiments) takes a PRNG key: with ``key=`` the loop
+calls ``meta_loss_fn(hparams, key_i)`` with ``key_i = jax.random.fold_in(key, i)`` at iteration
+``i``. The key is a function of the iteration alone, so the step still compiles once and a
+resumed run still repeats an uninterrupted one bit for bit.
+
 Checkpoints are single ``.npz`` files (``ckpt_00000010.npz`` after 10 iterations) holding the
 flattened leaves of the hyperparameters and the optimizer state, plus a JSON record of the
 iteration, the tree structures and the history. Each is written to a temporary file and then
 renamed into place, so a crash leaves either the old checkpoint or the new one, never half of
 one. Resuming restores the exact arrays, so a resumed run gives bit-identical results to an
-uninterrupted one.
+uninterrupted one. A checkpoint that cannot be read (truncated, overwritten) is skipped with a
+warning, and the run resumes from the newest intact one.
 """
 
 import glob
@@ -19,6 +26,7 @@ import math
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
@@ -28,9 +36,14 @@ import numpy as np
 import optax
 from absl import logging
 
+from revhyper._errors import ReversalError
+
 PathLike = Union[str, os.PathLike]
 
 _PAPER_META_LEARNING_RATE = 0.04  # Adam step size of the paper's MNIST experiments (section 3.1)
+# What a failed exact run raises from inside a compiled step: the core's error, which a host
+# callback re-raises as a JAX runtime error.
+_STEP_ERRORS = (ReversalError, jax.errors.JaxRuntimeError)
 _CHECKPOINT_FORMAT = 1
 _CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d{8})\.npz")
 HISTORY_FILE = "history.json"
@@ -67,6 +80,7 @@ def meta_optimize(
     progress: bool = True,
     has_aux: bool = False,
     callback: Optional[Callable[[MetaStep], None]] = None,
+    key: Optional[jax.Array] = None,
 ) -> MetaResult:
   """Minimises ``meta_loss_fn`` over hyperparameters with an optax optimizer.
 
@@ -87,11 +101,13 @@ def meta_optimize(
 
   Args:
     meta_loss_fn: ``hparams -> scalar`` meta-loss, or ``hparams -> (scalar, aux)`` with
-      ``has_aux=True``; differentiable with ``jax.grad``, traceable with ``jax.jit``.
+      ``has_aux=True``; differentiable with ``jax.grad``, traceable with ``jax.jit``. With
+      ``key`` it takes a second argument, ``meta_loss_fn(hparams, key_i)``.
     hparams: the initial hyperparameters, any pytree of floating arrays.
     num_iterations: the total number of iterations (those restored from a checkpoint count).
-    optimizer: an optax GradientTransformation; the default is ``optax.adam(0.04)``, the
-      paper's meta-optimizer for its MNIST experiments.
+    optimizer: an optax GradientTransformation; the default is ``optax.adam(0.04)``: Adam with
+      the step size of the paper's MNIST experiments. The authors' code used its own Adam
+      variant, ``paper_adam(0.04)``.
     checkpoint_dir: a folder for checkpoints and ``history.json``; None keeps nothing on disk.
     checkpoint_every: write a checkpoint every this many iterations, and after the last one.
     resume: continue from the latest checkpoint in ``checkpoint_dir`` (starting afresh when it
@@ -102,6 +118,9 @@ def meta_optimize(
     has_aux: whether ``meta_loss_fn`` returns ``(loss, aux)``.
     callback: called as ``callback(MetaStep(...))`` after each iteration, before its
       checkpoint; an exception raised there stops the loop (checkpoints already written stay).
+    key: a JAX PRNG key for a stochastic meta-objective; iteration ``i`` passes
+      ``jax.random.fold_in(key, i)`` to ``meta_loss_fn``. None (the default) calls
+      ``meta_loss_fn(hparams)``.
 
   Returns:
     ``MetaResult(hparams, opt_state, history)``.
@@ -111,10 +130,14 @@ def meta_optimize(
       an int.
     ValueError: an integer argument is out of range; ``resume`` without ``checkpoint_dir``; a
       checkpoint whose tree structure, shapes or dtypes do not match ``hparams`` and
-      ``optimizer``, or that is past ``num_iterations``.
+      ``optimizer``, or that is past ``num_iterations``; ``checkpoint_dir`` holds checkpoints
+      and none of them can be read.
     FileExistsError: ``checkpoint_dir`` holds checkpoints and ``resume`` is False.
     FloatingPointError: the meta-loss or hypergradient is not finite (the update is not
-      applied; the history, with that iteration, is written first).
+      applied; the history, with that iteration, is written first), or the step raised
+      ``revhyper.ReversalError`` or a JAX runtime error (a training run that left the exact
+      range, e.g. a diverging learning rate): the history so far is written first, and the
+      original error is chained with its message.
 
   Example:
     >>> def meta_loss(h):
@@ -148,7 +171,8 @@ def meta_optimize(
           f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints ({latest!r}); "
           "pass resume=True to continue that run, or use an empty folder")
     if latest is not None:
-      start, hparams, opt_state, history = load_checkpoint(latest, hparams, opt_state)
+      latest, (start, hparams, opt_state, history) = _load_newest_intact(
+          checkpoint_dir, hparams, opt_state)
       if start > num_iterations:
         raise ValueError(
             f"the checkpoint {latest!r} is after iteration {start}, past "
@@ -156,18 +180,28 @@ def meta_optimize(
       _emit(f"resuming from {latest} after iteration {start}", progress)
     os.makedirs(checkpoint_dir, exist_ok=True)
 
-  step = _make_step(meta_loss_fn, optimizer, has_aux)
+  step = _make_step(meta_loss_fn, optimizer, has_aux, key)
   run_start = time.perf_counter()
   for it in range(start, num_iterations):
     tic = time.perf_counter()
-    new_hparams, new_opt_state, loss, grads, grad_norm, aux = step(hparams, opt_state)
-    record = {
-        "iteration": it,
-        "meta_loss": float(loss),  # float() waits for the step, so the time below is true
-        "hypergrad_norm": float(grad_norm),
-        "seconds": time.perf_counter() - tic,
-        "aux": _scalar_leaves(aux),
-    }
+    try:
+      new_hparams, new_opt_state, loss, grads, grad_norm, aux = step(
+          hparams, opt_state, np.int32(it))
+      record = {
+          "iteration": it,
+          "meta_loss": float(loss),  # float() waits for the step, so the time below is true
+          "hypergrad_norm": float(grad_norm),
+          "seconds": time.perf_counter() - tic,
+          "aux": _scalar_leaves(aux),
+      }
+    except _STEP_ERRORS as error:
+      # A training run inside the step failed (e.g. it diverged out of the exact range): the
+      # finished iterations are kept on disk, and the caller sees the one error type this
+      # loop promises for values gone bad.
+      if checkpoint_dir is not None:
+        _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
+      raise FloatingPointError(
+          f"meta-iteration {it}: the meta-loss or its hypergradient failed: {error}") from error
     history.append(record)
     if not (math.isfinite(record["meta_loss"]) and math.isfinite(record["hypergrad_norm"])):
       if checkpoint_dir is not None:
@@ -192,20 +226,95 @@ def meta_optimize(
   return MetaResult(hparams, opt_state, history)
 
 
-def _make_step(meta_loss_fn, optimizer, has_aux):
+def _make_step(meta_loss_fn, optimizer, has_aux, key):
   value_and_grad = jax.value_and_grad(meta_loss_fn, has_aux=has_aux)
 
   @jax.jit
-  def step(hparams, opt_state):
+  def step(hparams, opt_state, iteration):
+    # The iteration is a traced argument, so a new key per iteration does not retrace.
+    args = (hparams,) if key is None else (hparams, jax.random.fold_in(key, iteration))
     if has_aux:
-      (loss, aux), grads = value_and_grad(hparams)
+      (loss, aux), grads = value_and_grad(*args)
     else:
-      (loss, grads), aux = value_and_grad(hparams), None
+      (loss, grads), aux = value_and_grad(*args), None
     updates, opt_state = optimizer.update(grads, opt_state, hparams)
     new_hparams = optax.apply_updates(hparams, updates)
     return new_hparams, opt_state, loss, grads, optax.tree.norm(grads), aux
 
   return step
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's meta-optimiser
+
+
+class PaperAdamState(NamedTuple):
+  """State of ``paper_adam``."""
+
+  count: jax.Array  # int32 []: updates applied so far
+  mu: Any  # first-moment estimate, a pytree like the parameters
+  nu: Any  # second-moment estimate, a pytree like the parameters
+
+
+def paper_adam(
+    learning_rate: float = _PAPER_META_LEARNING_RATE,
+    b1: float = 0.1,
+    b2: float = 0.01,
+    eps: float = 1e-4,
+    lam: float = 1e-4,
+) -> optax.GradientTransformation:
+  """The Adam variant the paper's code used as its meta-optimiser, as an optax transformation.
+
+  The authors' ``optimizers.adam`` (HIPS/hypergrad) writes the decays in the (1 - beta)
+  convention and lets the first-moment weight decay geometrically with the step count i
+  (from 0)::
+
+      b1_i = 1 - (1 - b1) * lam**i
+      m = b1_i * g + (1 - b1_i) * m          v = b2 * g**2 + (1 - b2) * v
+      m_hat = m / (1 - (1 - b1)**(i + 1))     v_hat = v / (1 - (1 - b2)**(i + 1))
+      update = -learning_rate * m_hat / (sqrt(v_hat) + eps)
+
+  With lam = 1e-4, b1_i is 1 from the second step on: m is the latest gradient, the method is
+  nearly RMSprop (second-moment decay 0.99), and the first-moment bias correction (for 0.9)
+  makes the early steps large (5.3 times the plain RMSprop step at i = 1). optax's
+  ``adam(0.04)`` with its defaults (b1 = 0.9, b2 = 0.999, eps = 1e-8) is a different method.
+
+  Args:
+    learning_rate: the step size (0.04 in the paper's MNIST schedule experiments).
+    b1: one minus the first-moment decay at the first step (the authors' default 0.1).
+    b2: one minus the second-moment decay (0.01).
+    eps: added to the root of the second moment (1e-4).
+    lam: how fast the first-moment decay vanishes over steps (1e-4).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> opt = paper_adam()
+    >>> state = opt.init({"a": jnp.zeros(2)})
+    >>> updates, state = opt.update({"a": jnp.array([1.0, -2.0])}, state)
+    >>> np.round(np.asarray(updates["a"]), 4)  # the first step is -lr * sign(g), less eps
+    array([-0.04,  0.04], dtype=float32)
+  """
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return PaperAdamState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+  def update(updates, state, params=None):
+    del params
+    i = state.count.astype(jnp.float32)
+    b1_i = 1.0 - (1.0 - b1) * lam ** i
+    mu = jax.tree.map(lambda g, m: b1_i * g + (1.0 - b1_i) * m, updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * g ** 2 + (1.0 - b2) * v, updates, state.nu)
+    mu_scale = 1.0 / (1.0 - (1.0 - b1) ** (i + 1.0))  # bias corrections
+    nu_scale = 1.0 / (1.0 - (1.0 - b2) ** (i + 1.0))
+    steps = jax.tree.map(
+        lambda m, v: (-learning_rate * mu_scale * m / (jnp.sqrt(nu_scale * v) + eps)).astype(
+            m.dtype), mu, nu)
+    return steps, PaperAdamState(state.count + 1, mu, nu)
+
+  return optax.GradientTransformation(init, update)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,21 +374,16 @@ def load_checkpoint(path: PathLike, hparams_like: Any, opt_state_like: Any):
     ``(iteration, hparams, opt_state, history)``, the arrays as JAX arrays.
 
   Raises:
-    ValueError: the file is not such a checkpoint, or its tree structure, leaf shapes or dtypes
-      differ from the expected ones (the message says which).
+    ValueError: the file cannot be read (truncated, not a zip archive, missing arrays) or is not
+      such a checkpoint, or its tree structure, leaf shapes or dtypes differ from the expected
+      ones; the message names the file and says which.
 
   Example:
     >>> it, hparams, opt_state, history = load_checkpoint(
     ...     latest_checkpoint("/tmp/run"), hparams, optimizer.init(hparams))  # doctest: +SKIP
   """
   path = os.fspath(path)
-  with np.load(path, allow_pickle=False) as data:
-    if "meta" not in data.files:
-      raise ValueError(f"{path}: not a revhyper meta-optimisation checkpoint")
-    meta = json.loads(data["meta"].tobytes().decode())
-    if meta.get("format") != _CHECKPOINT_FORMAT:
-      raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    arrays = {k: data[k] for k in data.files}
+  meta, arrays = _read_checkpoint(path)
   restored = []
   for name, like in (("hparams", hparams_like), ("opt_state", opt_state_like)):
     leaves, tree = jax.tree.flatten(like)
@@ -289,7 +393,9 @@ def load_checkpoint(path: PathLike, hparams_like: Any, opt_state_like: Any):
           f"this run's have {tree}")
     loaded = []
     for i, leaf in enumerate(leaves):
-      saved = arrays[f"{name}_{i}"]
+      saved = arrays.get(f"{name}_{i}")
+      if saved is None:
+        raise _UnreadableCheckpoint(f"{path}: {name} leaf {i} is missing from the checkpoint")
       expected = (np.shape(leaf), jnp.asarray(leaf).dtype)
       if (saved.shape, saved.dtype) != expected:
         raise ValueError(
@@ -300,19 +406,71 @@ def load_checkpoint(path: PathLike, hparams_like: Any, opt_state_like: Any):
   return meta["iteration"], restored[0], restored[1], meta["history"]
 
 
+class _UnreadableCheckpoint(ValueError):
+  """A checkpoint file that cannot be read at all, as opposed to one of another run."""
+
+
+def _read_checkpoint(path: str):
+  """``(meta, arrays)`` of a checkpoint file; ``_UnreadableCheckpoint`` naming it if broken."""
+  try:
+    # Our own handle: np.load leaves the file open when it fails to parse it.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+      if "meta" not in data.files:
+        raise _UnreadableCheckpoint(f"{path}: not a revhyper meta-optimisation checkpoint")
+      meta = json.loads(data["meta"].tobytes().decode())
+      arrays = {k: data[k] for k in data.files}
+  except _UnreadableCheckpoint:
+    raise
+  # What numpy and zipfile raise on truncated or overwritten files (ValueError: a pickle or a
+  # file that is no archive; KeyError: an entry listed but absent; EOFError: cut short;
+  # TypeError: a plain .npy array, which is no archive to open).
+  except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
+    raise _UnreadableCheckpoint(
+        f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
+  if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else meta
+    raise _UnreadableCheckpoint(f"{path}: unknown checkpoint format {found!r}")
+  return meta, arrays
+
+
+def _load_newest_intact(checkpoint_dir: str, hparams_like, opt_state_like):
+  """``(path, load_checkpoint(path, ...))`` of the newest checkpoint that can be read.
+
+  Unreadable ones are skipped with a warning that names them; a checkpoint of another run
+  (tree structure, shapes, dtypes) is an error at once, never skipped.
+  """
+  problems = []
+  for path in _checkpoints_newest_first(checkpoint_dir):
+    try:
+      return path, load_checkpoint(path, hparams_like, opt_state_like)
+    except _UnreadableCheckpoint as error:
+      logging.warning("Skipping an unreadable checkpoint: %s", error)
+      problems.append(str(error))
+  raise ValueError(
+      f"no checkpoint in {checkpoint_dir!r} can be read: " + "; ".join(problems))
+
+
+def _checkpoints_newest_first(checkpoint_dir: PathLike) -> list[str]:
+  found = []
+  for path in glob.glob(os.path.join(os.fspath(checkpoint_dir), "ckpt_*.npz")):
+    match = _CHECKPOINT_PATTERN.fullmatch(os.path.basename(path))
+    if match:
+      found.append((int(match.group(1)), path))
+  return [path for _, path in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(checkpoint_dir: PathLike) -> Optional[str]:
   """The path of the checkpoint with the most iterations in a folder, or None if it has none.
+
+  The file is not opened: ``meta_optimize(resume=True)`` falls back to an older checkpoint
+  when this one cannot be read.
 
   Example:
     >>> latest_checkpoint("/no/such/folder") is None
     True
   """
-  best = None
-  for path in glob.glob(os.path.join(os.fspath(checkpoint_dir), "ckpt_*.npz")):
-    match = _CHECKPOINT_PATTERN.fullmatch(os.path.basename(path))
-    if match and (best is None or int(match.group(1)) > best[0]):
-      best = (int(match.group(1)), path)
-  return None if best is None else best[1]
+  found = _checkpoints_newest_first(checkpoint_dir)
+  return found[0] if found else None
 
 
 # ------------------------------------------------------------------------------------------------

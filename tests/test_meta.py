@@ -1,6 +1,7 @@
 """Tests of the hyperparameter parameterisations and of the meta-optimisation loop."""
 
 import json
+import logging
 import os
 
 import chex
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import revhyper
 from revhyper import _hyper
 from revhyper import _meta
 from revhyper import _models
@@ -86,7 +88,7 @@ def test_meta_optimize_decreases_a_quadratic_and_writes_history(tmp_path):
   assert sorted(os.listdir(tmp_path)) == expected
 
 
-def test_default_optimizer_is_the_papers_adam_and_step_is_traced_once(capsys):
+def test_default_optimizer_is_optax_adam_and_step_is_traced_once(capsys):
   traces = []
 
   def meta_loss(h):
@@ -246,6 +248,131 @@ def test_argument_errors(tmp_path):
     _meta.meta_optimize(quadratic, start(), num_iterations=2, resume=True)
   (tmp_path / "ckpt_00000001.npz").write_bytes(b"")
   np.savez(tmp_path / "ckpt_00000002.npz", x=np.zeros(1))
-  with pytest.raises(ValueError, match="not a revhyper"):
+  with pytest.raises(ValueError, match="no checkpoint .* can be read.*not a revhyper"):
     _meta.meta_optimize(
         quadratic, start(), num_iterations=2, checkpoint_dir=tmp_path, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stochastic meta-objectives, failures inside a step, damaged checkpoints, the paper's Adam
+
+
+def noisy_training_meta_loss(h, key):
+  """Like ``tiny_training_meta_loss``, but every key draws new initial noise and minibatches."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=64), jnp.int32)
+  x_valid = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32) + x  # correlated with train
+  noise_key, batch_key = jax.random.split(key)
+  params = _models.mlp_init_from_noise(_models.mlp_noise(noise_key, (8, 3)), h["log_scale"])
+
+  def loss(p, _, t):
+    idx = jax.random.randint(jax.random.fold_in(batch_key, t), (16,), 0, 64)
+    return _models.softmax_cross_entropy(_models.mlp_apply(p, x[idx]), y[idx])
+
+  out = revhyper.sgd(loss, params, None, num_steps=6,
+                     learning_rate=_hyper.learning_rate_from_log(h["log_alpha"]),
+                     momentum=_hyper.momentum_from_logit(h["logit_gamma"]), method="unroll")
+  return _models.softmax_cross_entropy(_models.mlp_apply(out.params, x_valid), y)
+
+
+def test_keyed_meta_loss_gets_a_new_key_per_iteration_and_traces_once(tmp_path):
+  seen, traces = [], []
+
+  def meta_loss(h, key):
+    traces.append(1)
+    jax.debug.callback(lambda k: seen.append(np.asarray(k)), jax.random.key_data(key))
+    return quadratic(h)
+
+  key = jax.random.key(3)
+  _meta.meta_optimize(meta_loss, start(), num_iterations=3, key=key, progress=False)
+  assert len(traces) == 1
+  expected = [np.asarray(jax.random.key_data(jax.random.fold_in(key, i))) for i in range(3)]
+  assert len(seen) == 3 and all((a == b).all() for a, b in zip(seen, expected))
+  # The one-argument form is untouched by the new argument.
+  assert len(_meta.meta_optimize(quadratic, start(), num_iterations=2, progress=False).history) == 2
+
+
+def test_reseeded_resume_is_bit_identical(tmp_path):
+  key = jax.random.key(7)
+  full = run(tmp_path / "full", 6, meta_loss=noisy_training_meta_loss, key=key)
+  run(tmp_path / "stopped", 2, meta_loss=noisy_training_meta_loss, key=key)
+  resumed = run(tmp_path / "stopped", 6, meta_loss=noisy_training_meta_loss, key=key,
+                resume=True)
+  assert_same_run(full, resumed)
+
+
+def diverging_meta_loss(h):
+  """Training with e^8 as the learning rate: the weights leave the exact fixed-point range."""
+  params = {"w": jnp.ones(4, jnp.float32)}
+
+  def loss(p, _, t):
+    return jnp.sum(p["w"] ** 4)
+
+  out = revhyper.sgd(loss, params, None, num_steps=20, learning_rate=jnp.exp(h["log_alpha"]),
+                     momentum=0.9)
+  return jnp.sum(out.params["w"] ** 2)
+
+
+def test_diverging_training_raises_floating_point_error_after_writing_history(tmp_path):
+  with pytest.raises(FloatingPointError, match="meta-iteration 0"):
+    _meta.meta_optimize(diverging_meta_loss, {"log_alpha": jnp.float32(8.0)}, num_iterations=3,
+                        checkpoint_dir=tmp_path, progress=False)
+  assert (tmp_path / _meta.HISTORY_FILE).exists()
+  history = json.loads((tmp_path / _meta.HISTORY_FILE).read_text())
+  # Either the core flagged the run with NaN outputs (one entry, NaN) or it raised from the
+  # step (no finished iteration).
+  assert len(history) <= 1 and all(not np.isfinite(r["meta_loss"]) for r in history)
+
+
+def test_a_step_error_is_chained_into_floating_point_error(tmp_path):
+  def meta_loss(h):
+    def fail(x):
+      raise revhyper.ReversalError("fixed-point overflow in the forward pass")
+    jax.debug.callback(fail, h["s"])
+    return quadratic(h)
+
+  with pytest.raises(FloatingPointError, match="fixed-point overflow") as info:
+    _meta.meta_optimize(meta_loss, start(), num_iterations=2, checkpoint_dir=tmp_path,
+                        progress=False)
+  assert isinstance(info.value.__cause__, (jax.errors.JaxRuntimeError, revhyper.ReversalError))
+  assert json.loads((tmp_path / _meta.HISTORY_FILE).read_text()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checkpoint_names_its_path_and_resume_falls_back(tmp_path, damage, caplog):
+  full = run(tmp_path / "full", 6, meta_loss=quadratic, hparams=start)
+  folder = tmp_path / "damaged"
+  run(folder, 4, meta_loss=quadratic, hparams=start)  # checkpoints after 2 and 4
+  newest = folder / "ckpt_00000004.npz"
+  data = newest.read_bytes()
+  newest.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"not a zip file" * 9)
+  like = (start(), optax.adam(0.04).init(start()))
+  with pytest.raises(ValueError, match=str(newest)):
+    _meta.load_checkpoint(newest, *like)
+  with caplog.at_level(logging.WARNING):
+    resumed = run(folder, 6, meta_loss=quadratic, hparams=start, resume=True)
+  assert any(str(newest) in r.getMessage() for r in caplog.records)
+  assert resumed.history[2]["iteration"] == 2  # restarted after iteration 2
+  assert_same_run(full, resumed)
+
+
+def test_paper_adam_follows_the_authors_update():
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=5).astype(np.float32) for _ in range(6)]
+  b1, b2, eps, lam, lr = 0.1, 0.01, 1e-4, 1e-4, 0.04
+  x, m, v = np.zeros(5), np.zeros(5), np.zeros(5)
+  expected = []
+  for i, g in enumerate(grads):  # the authors' loop, written out in numpy
+    b1t = 1 - (1 - b1) * lam ** i
+    m = b1t * g + (1 - b1t) * m
+    v = b2 * g ** 2 + (1 - b2) * v
+    x = x - lr * (m / (1 - (1 - b1) ** (i + 1))) / (np.sqrt(v / (1 - (1 - b2) ** (i + 1))) + eps)
+    expected.append(x.copy())
+  opt = _meta.paper_adam()
+  params = jnp.zeros(5, jnp.float32)
+  state = opt.init(params)
+  for g, want in zip(grads, expected):
+    updates, state = opt.update(jnp.asarray(g), state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params, want, rtol=2e-5, atol=1e-6)
