@@ -31,6 +31,15 @@ _MAX_ABS_INT = 2**61
 MAX_ABS_VALUE = float(2 ** (61 - FRACTIONAL_BITS))
 
 
+# Adam's moments have their own grids. The first, an average of gradients, is resolved to
+# 2**-56 (|mu| < 32), so that the at most 2**16 grid units a decay moves it by (2**-40) stay far
+# below any gradient that matters. The second, an average of squared gradients, spans another
+# range: 2**-60 resolves (1 - b2) g**2 = 1e-9 (g = 1e-3, b2 = 0.999) as 2**30 grid units, at
+# the price of the range 0 <= nu < 2, checked like the others.
+FIRST_MOMENT_BITS = 56
+SECOND_MOMENT_BITS = 60
+
+
 def max_abs_value(fractional_bits=FRACTIONAL_BITS):
   """The exact range of a grid: ``|x| < 2**(61 - fractional_bits)``."""
   return float(2.0 ** (61 - fractional_bits))
