@@ -116,17 +116,15 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0
              | _schedules.outside(b1s.arrays + b2s.arrays, 0, 1)
              | _schedules.outside(epss.arrays + roots.arrays, 0, np.finfo(np.float32).max))
   # The decays are quantized as amounts 1 - b, exact in floats for b in [1/2, 1].
-  amounts1 = _schedules.quantize_decay([1 - b for b in b1s.arrays], "b1")
-  amounts2 = _schedules.quantize_decay([1 - b for b in b2s.arrays], "b2")
+  amounts1 = _schedules.quantize_decay(_schedules.combine(lambda b: 1 - b, b1s), "b1")
+  amounts2 = _schedules.quantize_decay(_schedules.combine(lambda b: 1 - b, b2s), "b2")
   compute = _training.compute_dtypes(leaves)
   cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
   rule, weight_amounts, weight_numerators = Adam(weight_decay=not _is_zero(decays)), None, None
   if rule.weight_decay:
-    amounts = [a * l for a, l in zip(lrs.arrays, decays.arrays)]
-    _schedules.check_range(_schedules.Schedule(amounts, [
-        None if a is None or l is None else a * l for a, l in zip(lrs.values, decays.values)]),
-        "learning_rate * weight_decay", 0, 1)
-    invalid |= _schedules.outside(amounts, 0, 1)
+    amounts = _schedules.combine(lambda a, l: a * l, lrs, decays)
+    _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
+    invalid |= _schedules.outside(amounts.arrays, 0, 1)
     quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
     weight_amounts, weight_numerators = cast(quantized.amounts), quantized.numerators
   coefs = AdamCoefs(

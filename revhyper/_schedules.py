@@ -197,15 +197,15 @@ def quantize_decay(amounts, name):
   ``2**15`` (a factor of at least 2**-16, as for the momentum), with a warning if clipped.
 
   Args:
-    amounts: float ``[num_steps]`` arrays per leaf (concrete or traced), in ``[0, 1]``.
+    amounts: a ``Schedule`` of amounts in ``[0, 1]`` (its values known where they are, so that
+      the numerators, and the capacity, are computed at trace time).
     name: how the warning names the decay.
 
   Returns:
     a ``Decay``.
   """
   numerators, values, clipped = [], [], False
-  for c in amounts:
-    known = concrete_value(c)
+  for c, known in zip(amounts.arrays, amounts.values):
     with jax.ensure_compile_time_eval():
       n = _decay_numerators(c if known is None else jnp.asarray(known))
     if known is not None:
@@ -218,6 +218,14 @@ def quantize_decay(amounts, name):
                   "clipped to 2**-16 (16 bits stored per weight per step). The gradient is that "
                   "of the clipped dynamics.", stacklevel=4)
   return Decay(numerators, values)
+
+
+def combine(op, *schedules):
+  """``op`` leaf by leaf on ``Schedule``s: on the arrays, and on the known values alike."""
+  arrays = [op(*xs) for xs in zip(*(s.arrays for s in schedules))]
+  values = [None if any(v is None for v in vs) else op(*vs)
+            for vs in zip(*(s.values for s in schedules))]
+  return Schedule(arrays, values)
 
 
 def _decay_numerators(c):

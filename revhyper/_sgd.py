@@ -86,11 +86,9 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, ve
   cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
   rule, decay, weight_numerators = SGD(weight_decay=not _is_zero(decays)), None, None
   if rule.weight_decay:
-    amounts = [a * l for a, l in zip(alphas.arrays, decays.arrays)]
-    _schedules.check_range(_schedules.Schedule(amounts, [
-        None if a is None or l is None else a * l for a, l in zip(alphas.values, decays.values)]),
-        "learning_rate * weight_decay", 0, 1)
-    invalid |= _schedules.outside(amounts, 0, 1)
+    amounts = _schedules.combine(lambda a, l: a * l, alphas, decays)
+    _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
+    invalid |= _schedules.outside(amounts.arrays, 0, 1)
     quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
     decay, weight_numerators = cast(quantized.amounts), quantized.numerators
   steps = _reversible.Steps(
