@@ -82,6 +82,10 @@ class Rule:
   # The update is linear in g with a Jacobian independent of (s_t, g_t), so that the backward
   # pass can take g's cotangent before recomputing g (and share the gradient pass).
   linear_in_gradient = False
+  # Compute the increments between optimization barriers (see ``_weight_increment``); a rule
+  # whose increments are single multiplications, which round alike however XLA fuses them,
+  # may skip the fence and its cost.
+  fence_increments = True
 
   def slot_increments(self, coefs, g):
     """The float increments added to each slot after its decay: a tuple of per-leaf lists."""
@@ -286,6 +290,26 @@ def _decay(config, stack, values, numerators, bits, inverse=False):
   return op(stack, values, numerators, min_base, bits)
 
 
+def _slot_increments(config, coefs, g):
+  """The rule's slot increments, fenced like the gradient (see ``_weight_increment``)."""
+  if not config.rule.fence_increments:
+    return config.rule.slot_increments(coefs, g)
+  return _barrier(config.rule.slot_increments(*_barrier((coefs, g))))
+
+
+def _weight_increment(config, coefs, slots):
+  """The rule's weight increment, between optimization barriers.
+
+  Reversal subtracts the very float the forward step added, so the increment must be computed
+  bit for bit alike in both loops; without the fence XLA fuses it with its neighbours (the
+  backward pass's vjp of the same expressions) and, for Adam's divisions and square root,
+  measurably did not round alike.
+  """
+  if not config.rule.fence_increments:
+    return config.rule.weight_increment(coefs, slots)
+  return _barrier(config.rule.weight_increment(*_barrier((coefs, slots))))
+
+
 def _forward_step(config, hparams, form, state, step):
   rule = config.rule
   w_leaves = _float_leaves(config, state.w)
@@ -293,7 +317,7 @@ def _forward_step(config, hparams, form, state, step):
   slot_stack, slots = _decay(config, state.stacks[0], _flat(state.slots),
                              _flat(step.numerators), _slot_bits(config))
   slots, checks = list(_unflat(slots, len(rule.slots))), []
-  for i, (slot, inc) in enumerate(zip(rule.slots, rule.slot_increments(step.coefs, g))):
+  for i, (slot, inc) in enumerate(zip(rule.slots, _slot_increments(config, step.coefs, g))):
     slots[i], ok = _add(slots[i], inc, slot.fractional_bits)
     checks.append(ok)
   slot_floats = _slot_floats(config, slots)
@@ -302,7 +326,7 @@ def _forward_step(config, hparams, form, state, step):
     weight_stack, w = _decay(config, state.stacks[1], w, step.weight_numerators,
                              (rule.weight_decay_bits,) * len(w))
     stacks += (weight_stack,)
-  w, w_ok = _add(w, rule.weight_increment(step.coefs, slot_floats))
+  w, w_ok = _add(w, _weight_increment(config, step.coefs, slot_floats))
   # The states entering the additions are in range and so are the increments: no sum wrapped.
   # (A decay moves a value by at most 2**16 + 1 grid units beyond |x| n / d.) The final state
   # is checked after the loop.
@@ -317,7 +341,7 @@ def _undo_weights(config, state, step):
   ``w_t`` and the new slots' floats ``s_{t+1}`` (compute dtypes)."""
   rule = config.rule
   slots_next = _slot_floats(config, state.slots)
-  w, _ = _add(state.w, rule.weight_increment(step.coefs, slots_next), sign=-1)
+  w, _ = _add(state.w, _weight_increment(config, step.coefs, slots_next), sign=-1)
   stacks = state.stacks
   if rule.weight_decay_bits is not None:
     weight_stack, w = _decay(config, stacks[1], w, step.weight_numerators,
@@ -330,7 +354,7 @@ def _undo_slots(config, state, g, step):
   """Undoes ``s_{t+1} = decay(s_t) + slot_increments(g_t)`` given the recomputed ``g_t``."""
   rule = config.rule
   slots = [_add(x, inc, slot.fractional_bits, sign=-1)[0] for x, inc, slot
-           in zip(state.slots, rule.slot_increments(step.coefs, g), rule.slots)]
+           in zip(state.slots, _slot_increments(config, step.coefs, g), rule.slots)]
   slot_stack, slots = _decay(config, state.stacks[0], _flat(slots), _flat(step.numerators),
                              _slot_bits(config), inverse=True)
   return state._replace(slots=_unflat(slots, len(rule.slots)),

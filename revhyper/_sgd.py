@@ -37,6 +37,7 @@ class SGD(_reversible.Rule):
 
   slots = (VELOCITY,)
   linear_in_gradient = True
+  fence_increments = False  # (1 - gamma) * g and alpha * v: one multiplication each
 
   @property
   def weight_decay_bits(self):

@@ -55,9 +55,10 @@ def test_round_trip_is_bit_exact_over_decays_shapes_and_long_runs(weight_decay):
   for i in range(rt.exact.shape[0]):
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], rt.initial_params), PARAMS)
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], rt.initial_velocity), (mu0, nu0))
-  # Every element spills and refills many chunks per lane (b1 = 0.5: 1 bit a step).
+  # The low decays spill and refill many chunks per lane (b1 = 0.5: 1 bit a step, b1 = 0:
+  # 16), the others few: 32 bits per chunk, two moments per weight.
   chunks_per_lane = np.asarray(rt.stats.bits_stored) / (32 * LANES * 2)
-  assert np.all(chunks_per_lane > 3), chunks_per_lane
+  assert np.all(chunks_per_lane[[0, 1, 4, 5]] > 8), chunks_per_lane
   np.testing.assert_allclose(rt.stats.bits_stored, rt.stats.information_bound_bits, rtol=0.01)
 
 
@@ -81,26 +82,38 @@ def _meta(params, mu, nu, h, lr, b1, b2, eps, wd, *, method, num_steps, loss=smo
           + 100.0 * sum(jnp.sum(x) for x in jax.tree.leaves(out.nu)))
 
 
-def test_hypergradients_of_every_input_match_float64_finite_differences():
+def test_hypergradients_of_every_input_match_float64_unroll_and_finite_differences():
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
     params = to64(PARAMS)
     mu = jax.tree.map(lambda x: 0.02 * jnp.ones_like(x), params)
     nu = jax.tree.map(lambda x: 3e-3 * jnp.ones_like(x), params)
     args = [params, mu, nu] + [jnp.float64(v) for v in (0.2, 0.03, 0.85, 0.99, 1e-3, 0.2)]
-    meta = lambda method: jax.jit(lambda *a: _meta(*a, method=method, num_steps=40))
-    got = jax.jit(jax.grad(lambda *a: _meta(*a, method="reversible", num_steps=40),
-                           argnums=tuple(range(9))))(*args)
-    value = meta("unroll")
+
+    def grads(method):
+      meta = lambda *a: _meta(*a, method=method, num_steps=40)  # noqa: E731
+      return jax.jit(jax.grad(meta, argnums=tuple(range(9))))(*args)
+
+    # b1, b2 and wd are traced; check_reversal: NaN unless w_0 is rebuilt bit for bit.
+    got = grads(revhyper.Reversible(min_momentum=0.5, check_reversal=True))
+    # The exact method against store-all backprop of the same float64 dynamics: the grid
+    # (2**-48 and finer) is all that separates them.
+    for g, e in zip(got, grads("unroll")):
+      g, e = jax.flatten_util.ravel_pytree(g)[0], jax.flatten_util.ravel_pytree(e)[0]
+      assert float(jnp.linalg.norm(g - e) / jnp.linalg.norm(e)) < 1e-7
+    value = jax.jit(lambda *a: _meta(*a, method="unroll", num_steps=40))
     flat, unravel = jax.flatten_util.ravel_pytree(args)
     directions = np.random.default_rng(0).standard_normal((6, flat.size))
     directions = np.concatenate([directions, np.eye(flat.size)[-6:]])  # each scalar on its own
+    directions *= np.abs(np.asarray(flat))  # relative steps: eps and nu are small
     got_flat = jax.flatten_util.ravel_pytree(got)[0]
-    step = 1e-6
+    # A relative step of 1e-4: the differences' own error (curvature, and the rounding of b1,
+    # b2 and lr * wd to multiples of 2**-31, which gradients pass straight through) is 1e-5.
+    step = 1e-4
     for d in directions:
       d = jnp.asarray(d)
       fd = (value(*unravel(flat + step * d)) - value(*unravel(flat - step * d))) / (2 * step)
-      np.testing.assert_allclose(jnp.dot(got_flat, d), fd, rtol=1e-6, atol=1e-9)
+      np.testing.assert_allclose(jnp.dot(got_flat, d), fd, rtol=5e-5)
 
 
 def _mnist_mlp():
@@ -127,10 +140,12 @@ def test_mlp_hypergradients_of_every_input_match_unroll():
   args = [params, mu, nu] + [jnp.float32(v) for v in (1e-4, 1e-3, 0.9, 0.999, 1e-8, 0.1)]
 
   def grads(method):
-    meta = lambda *a: _meta(*a, method=method, num_steps=100, loss=loss)
+    meta = lambda *a: _meta(*a, method=method, num_steps=100, loss=loss)  # noqa: E731
     return jax.jit(jax.grad(meta, argnums=tuple(range(9))))(*args)
 
-  got, expected = grads("reversible"), grads("unroll")
+  # check_reversal: a gradient path that did not rebuild w_0 bit for bit would give NaN.
+  got = grads(revhyper.Reversible(min_momentum=0.5, check_reversal=True))
+  expected = grads("unroll")
   for name, g, e in zip(["params", "mu", "nu", "l2", "lr", "b1", "b2", "eps", "wd"], got,
                         expected):
     g, e = jax.flatten_util.ravel_pytree(g)[0], jax.flatten_util.ravel_pytree(e)[0]
@@ -188,7 +203,7 @@ def test_vmap_of_jitted_hypergradients_matches_unroll():
                           in_axes=(0, 0, None)), static_argnums=2)
   lrs = jnp.asarray([0.003, 0.01, 0.03], jnp.float32)
   b2s = jnp.asarray([0.99, 0.999, 0.9999], jnp.float32)
-  got, stats = grad(lrs, b2s, revhyper.Reversible(min_momentum=0.5))
+  got, stats = grad(lrs, b2s, revhyper.Reversible(min_momentum=0.5, check_reversal=True))
   expected, _ = grad(lrs, b2s, "unroll")
   assert stats.bits_stored.shape == (3,) and not np.any(stats.failed)
   for g, e in zip(got, expected):
@@ -261,7 +276,7 @@ def test_traced_decays_need_min_momentum_and_a_diverging_run_raises():
     jax.jit(lambda b1: _adam(b1=b1).params)(0.9)
   # A squared gradient of 25 cannot stay on the second moment's grid (nu < 2).
   steep = lambda w, h, t: 5.0 * jnp.sum(w)
-  with pytest.raises(revhyper.ReversalError, match="fixed-point overflow.*nu"):
+  with pytest.raises(revhyper.ReversalError, match="fixed-point overflow.*0 <= nu < 2"):
     revhyper.adam(steep, jnp.zeros(3), None, num_steps=2000, learning_rate=1e-3)
   out = jax.jit(lambda w: revhyper.adam(steep, w, None, num_steps=2000, learning_rate=1e-3))(
       jnp.zeros(3))
