@@ -202,7 +202,9 @@ def test_vmap_of_jitted_hypergradients_matches_unroll():
   grad = jax.jit(jax.vmap(jax.grad(objective, argnums=(0, 1), has_aux=True),
                           in_axes=(0, 0, None)), static_argnums=2)
   lrs = jnp.asarray([0.003, 0.01, 0.03], jnp.float32)
-  b2s = jnp.asarray([0.99, 0.999, 0.9999], jnp.float32)
+  # (b2 = 0.9999 would test float32 rather than the method: there the b2 hypergradient of
+  # float32 unroll is 5e-4 from float64's, the reversible one's 2.5e-4.)
+  b2s = jnp.asarray([0.9, 0.99, 0.999], jnp.float32)
   got, stats = grad(lrs, b2s, revhyper.Reversible(min_momentum=0.5, check_reversal=True))
   expected, _ = grad(lrs, b2s, "unroll")
   assert stats.bits_stored.shape == (3,) and not np.any(stats.failed)
@@ -221,8 +223,11 @@ def test_higher_order_derivatives_through_the_reversible_pass_raise():
     jax.jvp(meta, (0.01,), (1.0,))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_dtypes_of_the_leaves_are_kept_and_the_methods_agree(dtype):
+# As for sgd (tests/test_transformations.py): the state is carried at float32 or finer by every
+# method; the loss's gradient, in the leaves' dtype, rounds alike only to that dtype.
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 1e-2), (jnp.float16, 1e-3),
+                                             (jnp.float32, 1e-4)], ids=str)
+def test_dtypes_of_the_leaves_are_kept_and_the_methods_agree(dtype, tolerance):
   params = {"a": jnp.full((8, 4), 0.1, dtype), "b": jnp.full((4,), 0.2, dtype)}
 
   def loss(w, h, t):
@@ -238,7 +243,7 @@ def test_dtypes_of_the_leaves_are_kept_and_the_methods_agree(dtype):
   grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)), static_argnums=2)
   got = np.asarray(jax.tree.leaves(grad(jnp.float32(0.3), jnp.float32(0.01), "reversible")))
   want = np.asarray(jax.tree.leaves(grad(jnp.float32(0.3), jnp.float32(0.01), "unroll")))
-  np.testing.assert_allclose(got, want, rtol=1e-4)
+  np.testing.assert_allclose(got, want, rtol=tolerance)
 
 
 # --- errors ---------------------------------------------------------------------------------
