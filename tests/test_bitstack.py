@@ -119,3 +119,75 @@ def test_bucket_rounds_up_monotonically():
   assert all(b >= k for k, b in enumerate(values))
   assert values == sorted(values)
   assert len(set(values)) < 30  # few distinct capacities: few compiled programs
+
+
+# --- fine denominators: n / 2**31 -------------------------------------------------------------
+
+FINE = 31
+
+
+def _run_fine(v, numerators, capacity_chunks):
+  numerators = np.asarray(numerators, np.uint64)
+
+  def bases(n):
+    return [n], _bitstack.head_bases(n, FINE).astype(jnp.float64)
+
+  @jax.jit
+  def go(v):
+    stack = _bitstack.empty([v.shape], capacity_chunks)
+
+    def forward(carry, n):
+      return _bitstack.multiply(*carry, *bases(n), (FINE,)), None
+
+    (stack, w), _ = jax.lax.scan(forward, (stack, [v]), numerators)
+
+    def backward(carry, n):
+      return _bitstack.divide(*carry, *bases(n), (FINE,)), None
+
+    (popped, back), _ = jax.lax.scan(backward, (_bitstack.for_popping(stack), w), numerators,
+                                     reverse=True)
+    return stack, w[0], popped, back[0]
+
+  with jax.enable_x64(True):
+    return go(jnp.asarray(v, jnp.int64))
+
+
+@pytest.mark.parametrize("factor", [2**-16, 0.5, 0.9, 0.999, 1 - 1e-7, 1.0])
+def test_fine_denominator_round_trips_and_stays_within_two_to_the_sixteen(factor):
+  n = max(round(factor * 2**FINE), 2**(FINE - 16))
+  v = _signed_values(int(factor * 1000), 257)
+  steps = 300
+  capacity = v.size * _bitstack.max_chunks_per_lane([n] * steps, FINE)
+  pushed, _, stack, back = _run_fine(v, [n] * steps, max(capacity, 1))
+  with jax.enable_x64(True):
+    chex.assert_trees_all_equal(back, jnp.asarray(v))
+    assert bool(_bitstack.is_empty(stack)) and not bool(pushed.overflow)
+  # One multiply lands within 2**16 + 1 grid units of v * n / 2**31 (the D = 16 multiply: n),
+  # up to the float64 rounding of the reference (|v| < 2**62: 2**9).
+  _, w, _, _ = _run_fine(v, [n], v.size * 2 + 1)
+  error = np.abs(np.asarray(w).astype(np.float64) - v.astype(np.float64) * (n / 2**FINE))
+  assert error.max() <= 2**16 + 1 + 2**10, error.max()
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.9, 0.999])
+def test_fine_denominator_stores_the_information_bound(factor):
+  n = round(factor * 2**FINE)
+  steps = 2000 if factor < 0.99 else 20000
+  v = _signed_values(13, 64)
+  pushed, _, _, _ = _run_fine(v, [n] * steps, max(1, v.size * _bitstack.max_chunks_per_lane(
+      [n] * steps, FINE)))
+  with jax.enable_x64(True):
+    bits = float(_bitstack.stored_bits(pushed))
+  bound = v.size * steps * float(_bitstack.information_bits(n, FINE))
+  assert abs(bits / bound - 1) < 0.01, (bits, bound)
+
+
+def test_fine_denominator_schedule_fills_at_most_its_proven_capacity():
+  rng = np.random.default_rng(5)
+  numerators = rng.integers(2**(FINE - 16), 2**FINE + 1, size=300)
+  v = _signed_values(9, 32)
+  per_lane = _bitstack.max_chunks_per_lane(numerators, FINE)
+  pushed, _, stack, back = _run_fine(v, numerators, v.size * per_lane)
+  with jax.enable_x64(True):
+    assert not bool(pushed.overflow) and int(pushed.ptr) <= v.size * per_lane
+    chex.assert_trees_all_equal(back, jnp.asarray(v))
