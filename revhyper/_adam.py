@@ -187,8 +187,8 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
   backward pass recomputes each gradient and then takes a Hessian-vector product (the update
   is not linear in the gradient, so they are not shared): about 2.6 gradient evaluations per
   step. With ``eps_root = 0`` (optax's default), ``nu = 0`` for a weight whose gradient is
-  always 0 makes the float methods' hypergradients NaN (the derivative of the square root at
-  0), as in optax; set ``eps_root`` to a tiny positive value (optax suggests 1e-8) when
+  always 0 makes every method's hypergradient NaN (the derivative of the square root at 0),
+  as differentiating optax does; set ``eps_root`` to a tiny positive value (1e-8) when
   differentiating through such weights.
 
   Args:
