@@ -276,6 +276,14 @@ def _slot_bits(config):
                for _ in config.layout.shapes)
 
 
+def _head_bits(config):
+  """``k`` of each bit stack (slots' decays, weights' decay): one width per stack."""
+  ks = (_bitstack.head_bits(config.rule.slots[0].denominator_bits),)
+  if config.rule.weight_decay_bits is not None:
+    ks += (_bitstack.head_bits(config.rule.weight_decay_bits),)
+  return ks
+
+
 def _bases(numerators, bits):
   """The numerators as uint64 (one per group) and the smallest head base, float64."""
   numerators = [n.astype(jnp.uint64) for n in numerators]
@@ -376,9 +384,10 @@ def _initial_state(config, params, slots):
   for parts in slot_parts:
     in_range = _and(in_range, [ok for _, ok in parts])
   shapes = config.layout.shapes
-  stacks = (_bitstack.empty(shapes * len(config.rule.slots), config.capacity_chunks[0]),)
+  ks = _head_bits(config)
+  stacks = (_bitstack.empty(shapes * len(config.rule.slots), config.capacity_chunks[0], ks[0]),)
   if config.rule.weight_decay_bits is not None:
-    stacks += (_bitstack.empty(shapes, config.capacity_chunks[1]),)
+    stacks += (_bitstack.empty(shapes, config.capacity_chunks[1], ks[1]),)
   return State(
       w=[x for x, _ in w_parts],
       slots=tuple([x for x, _ in parts] for parts in slot_parts),
@@ -460,7 +469,8 @@ def _stats(config, state, steps, invalid, params_out, slots_out):
     # A factor of 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
     n = n.astype(jnp.float64)
     bound += size * jnp.sum(jnp.where(n == 2.0**bits, 0.0, bits - jnp.log2(n)))
-  stored = sum(_bitstack.stored_bits(stack) for stack in state.stacks)
+  stored = sum(_bitstack.stored_bits(stack, k)
+               for stack, k in zip(state.stacks, _head_bits(config)))
   lanes_steps = max(layout.num_lanes * config.num_steps, 1)
   lanes = layout.num_lanes * (len(config.rule.slots) + (config.rule.weight_decay_bits is not None))
   capacity = _bitstack.CHUNK_BITS * (sum(config.capacity_chunks) + lanes)
@@ -682,23 +692,24 @@ REVERSAL_CHECK_FAILED = (
 def _check_reconstruction(config, state, initial):
   """Raises if the rebuilt state is concrete and wrong; returns the flag to poison with."""
   with jax.enable_x64(True):
-    exact = _exact(state, _initial_state(config, *initial))
+    exact = _exact(config, state, _initial_state(config, *initial))
   mismatch = jnp.logical_not(exact)
   if _errors.raise_if(mismatch, REVERSAL_CHECK_FAILED):
     return jnp.zeros((), jnp.bool_)
   return mismatch
 
 
-def _exact(state, reference):
+def _exact(config, state, reference):
   """The rebuilt integer state equals the reference and every bit stack is empty."""
   exact = _all_equal(state.w, reference.w)
   for x, y in zip(state.slots, reference.slots):
     exact &= _all_equal(x, y)
-  return exact & _all_empty(state)
+  return exact & _all_empty(config, state)
 
 
-def _all_empty(state):
-  return functools.reduce(jnp.logical_and, [_bitstack.is_empty(st) for st in state.stacks])
+def _all_empty(config, state):
+  return functools.reduce(jnp.logical_and, [_bitstack.is_empty(st, k) for st, k
+                                            in zip(state.stacks, _head_bits(config))])
 
 
 _run.defvjp(_run_fwd, _run_bwd)
@@ -745,7 +756,7 @@ def train_and_reverse(config, params, slots, hparams, steps, invalid):
     reconstruction = Reconstruction(
         params=rebuilt_params,
         slots=rebuilt_slots,
-        exact=_exact(rebuilt, initial),
-        buffer_empty=_all_empty(rebuilt),
+        exact=_exact(config, rebuilt, initial),
+        buffer_empty=_all_empty(config, rebuilt),
     )
   return params_out, slots_out, stats, reconstruction

@@ -179,6 +179,8 @@ def _round_momentum_jvp(primals, tangents):
 # numerators n <= 2**31 fit a uint32 (x64 may be off where they are derived); the bit stack
 # codes it with 64-bit products (see ``_bitstack.multiply``).
 DECAY_BITS = 31
+# The bit stack's blocks are non-empty for n >= 2**(31 - 8): decay factors of at least 2**-8.
+_DECAY_FLOOR = 2**(DECAY_BITS - _bitstack.head_bits(DECAY_BITS))
 
 
 class Decay(NamedTuple):
@@ -188,13 +190,13 @@ class Decay(NamedTuple):
   multiple of ``2**-31``, not the factor ``1 - c``: in float32 ``1 - 1e-7`` is off by 30%.
   """
 
-  numerators: list  # uint32 [num_steps] per leaf: n = 2**31 - round(c * 2**31), >= 2**15.
+  numerators: list  # uint32 [num_steps] per leaf: n = 2**31 - round(c * 2**31), >= 2**23.
   amounts: list  # float [num_steps] per leaf: (2**31 - n) / 2**31, differentiable (straight through).
 
 
 def quantize_decay(amounts, name):
   """Rounds each leaf's amount ``c`` to ``m / 2**31``; ``n = 2**31 - m`` is kept at least
-  ``2**15`` (a factor of at least 2**-16, as for the momentum), with a warning if clipped.
+  ``2**23`` (a factor of at least 2**-8, which the bit stack needs), with a warning if clipped.
 
   Args:
     amounts: a ``Schedule`` of amounts in ``[0, 1]`` (its values known where they are, so that
@@ -210,13 +212,13 @@ def quantize_decay(amounts, name):
       n = _decay_numerators(c if known is None else jnp.asarray(known))
     if known is not None:
       clipped |= bool(np.any(np.round(np.asarray(known, np.float64) * 2.0**DECAY_BITS)
-                             > 2**DECAY_BITS - 2**(DECAY_BITS - _bitstack.DENOMINATOR_BITS)))
+                             > 2**DECAY_BITS - _DECAY_FLOOR))
     numerators.append(n)
     values.append(_round_amount(c, n))
   if clipped:
-    warnings.warn(f"{name} rounds to a factor below 2**-16, which would erase the state; it is "
-                  "clipped to 2**-16 (16 bits stored per weight per step). The gradient is that "
-                  "of the clipped dynamics.", stacklevel=4)
+    warnings.warn(f"{name} rounds to a factor below 2**-8, which the exact arithmetic cannot "
+                  "hold; it is clipped to 2**-8 (8 bits stored per weight per step). The "
+                  "gradient is that of the clipped dynamics.", stacklevel=4)
   return Decay(numerators, values)
 
 
@@ -231,7 +233,7 @@ def combine(op, *schedules):
 def _decay_numerators(c):
   d = 2**DECAY_BITS
   # Exact in float32 and float64: c * 2**31 only shifts the exponent; round is half-even.
-  m = jnp.clip(jnp.round(c * float(d)), 0, d - 2**(DECAY_BITS - _bitstack.DENOMINATOR_BITS))
+  m = jnp.clip(jnp.round(c * float(d)), 0, d - _DECAY_FLOOR)
   return jnp.uint32(d) - m.astype(jnp.uint32)
 
 

@@ -274,7 +274,7 @@ def _capacity_chunks(method, problem, layout):
               "(e.g. a hyperparameter under jax.jit), so the size of the bit stack cannot be "
               "computed from its values. Pass a static lower bound: "
               "method=revhyper.Reversible(min_momentum=...).")
-        floor = 2**(bits - _bitstack.DENOMINATOR_BITS)
+        floor = 2**(bits - _bitstack.head_bits(bits))
         n_min = max(floor, round(method.min_momentum * 2**bits))
         known = np.full(steps.t.shape, n_min)
       chunks += size * _bitstack.bucket(_bitstack.max_chunks_per_lane(known, bits))
