@@ -174,14 +174,14 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
   Exactness (``method="reversible"``): ``b1``, ``b2`` and ``learning_rate * weight_decay`` are
   rounded, by every method alike, to the grid ``n / 2**31`` (``1 - b`` and ``lr * wd`` to
   multiples of 2**-31 = 4.7e-10: ``b2 = 0.999`` is kept to 1e-9 relative in ``1 - b2``, and
-  ``lr * wd = 1e-5`` to 0.005%), with gradients passed straight through; a factor below 2**-16
+  ``lr * wd = 1e-5`` to 0.005%), with gradients passed straight through; a factor below 2**-8
   is clipped to it with a warning. The decays are reversed by the bit stack, which stores
   ``log2(1 / b1) + log2(1 / b2) + log2(1 / (1 - lr * wd))`` bits per weight per step (0.154
   for the defaults). The weights live on the 2**-48 grid (``|w| < 8192``), ``mu`` on 2**-56
   (``|mu| < 32``), ``nu`` on 2**-60 (``0 <= nu < 2``: squared gradients of order 1 or more need
   the loss scaled down); leaving a range is a failure like a diverging ``sgd`` run
-  (``stats.fixed_point_overflow``). Each decay moves its state by at most 2**16 grid units
-  beyond the exact product, below float32's rounding of the state.
+  (``stats.fixed_point_overflow``). Each decay moves its state by at most 2**8 + 1 grid units
+  beyond the exact product (2**-52 for nu), far below float32's rounding of the state.
 
   Transformations, precision and failures: as for ``sgd``. Through ``Reversible`` the
   backward pass recomputes each gradient and then takes a Hessian-vector product (the update

@@ -32,8 +32,8 @@ MAX_ABS_VALUE = float(2 ** (61 - FRACTIONAL_BITS))
 
 
 # Adam's moments have their own grids. The first, an average of gradients, is resolved to
-# 2**-56 (|mu| < 32), so that the at most 2**16 grid units a decay moves it by (2**-40) stay far
-# below any gradient that matters. The second, an average of squared gradients, spans another
+# 2**-56 (|mu| < 32), so that the at most 2**8 + 1 grid units a decay moves it by (2**-48) stay
+# far below any gradient that matters. The second, an average of squared gradients, spans another
 # range: 2**-60 resolves (1 - b2) g**2 = 1e-9 (g = 1e-3, b2 = 0.999) as 2**30 grid units, at
 # the price of the range 0 <= nu < 2, checked like the others.
 FIRST_MOMENT_BITS = 56
