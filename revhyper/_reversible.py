@@ -291,7 +291,7 @@ def _bases(numerators, bits):
   return numerators, jnp.min(jnp.stack(bases)).astype(jnp.float64)
 
 
-def _decay(config, stack, values, numerators, bits, inverse=False):
+def _decay(stack, values, numerators, bits, inverse=False):
   """The rational multiplies of one stage, all groups at once (one renormalisation)."""
   op = _bitstack.divide if inverse else _bitstack.multiply
   numerators, min_base = _bases(numerators, bits)
@@ -322,7 +322,7 @@ def _forward_step(config, hparams, form, state, step):
   rule = config.rule
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, step.t, form)
-  slot_stack, slots = _decay(config, state.stacks[0], _flat(state.slots),
+  slot_stack, slots = _decay(state.stacks[0], _flat(state.slots),
                              _flat(step.numerators), _slot_bits(config))
   slots, checks = list(_unflat(slots, len(rule.slots))), []
   for i, (slot, inc) in enumerate(zip(rule.slots, _slot_increments(config, step.coefs, g))):
@@ -331,7 +331,7 @@ def _forward_step(config, hparams, form, state, step):
   slot_floats = _slot_floats(config, slots)
   w, stacks = state.w, (slot_stack,)
   if rule.weight_decay_bits is not None:
-    weight_stack, w = _decay(config, state.stacks[1], w, step.weight_numerators,
+    weight_stack, w = _decay(state.stacks[1], w, step.weight_numerators,
                              (rule.weight_decay_bits,) * len(w))
     stacks += (weight_stack,)
   w, w_ok = _add(w, _weight_increment(config, step.coefs, slot_floats))
@@ -352,7 +352,7 @@ def _undo_weights(config, state, step):
   w, _ = _add(state.w, _weight_increment(config, step.coefs, slots_next), sign=-1)
   stacks = state.stacks
   if rule.weight_decay_bits is not None:
-    weight_stack, w = _decay(config, stacks[1], w, step.weight_numerators,
+    weight_stack, w = _decay(stacks[1], w, step.weight_numerators,
                              (rule.weight_decay_bits,) * len(w), inverse=True)
     stacks = (stacks[0], weight_stack)
   return state._replace(w=w, stacks=stacks), slots_next
@@ -363,7 +363,7 @@ def _undo_slots(config, state, g, step):
   rule = config.rule
   slots = [_add(x, inc, slot.fractional_bits, sign=-1)[0] for x, inc, slot
            in zip(state.slots, _slot_increments(config, step.coefs, g), rule.slots)]
-  slot_stack, slots = _decay(config, state.stacks[0], _flat(slots), _flat(step.numerators),
+  slot_stack, slots = _decay(state.stacks[0], _flat(slots), _flat(step.numerators),
                              _slot_bits(config), inverse=True)
   return state._replace(slots=_unflat(slots, len(rule.slots)),
                         stacks=(slot_stack,) + state.stacks[1:])
@@ -620,7 +620,7 @@ def _run_bwd(config, residuals, cotangents):
   residuals, cotangents = _guard((residuals, cotangents))
   state, hparams, steps, initial, failed = residuals
   rule, dtypes = config.rule, config.layout.dtypes
-  h_floats, merge = _differentiable(hparams)
+  h_floats, _ = _differentiable(hparams)
   form = _reversal_form(config)
   compute_dtypes = [_fixed_point.compute_dtype(d) for d in dtypes]
 

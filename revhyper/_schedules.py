@@ -191,7 +191,7 @@ class Decay(NamedTuple):
   """
 
   numerators: list  # uint32 [num_steps] per leaf: n = 2**31 - round(c * 2**31), >= 2**23.
-  amounts: list  # float [num_steps] per leaf: (2**31 - n) / 2**31, differentiable (straight through).
+  amounts: list  # float [num_steps] per leaf: (2**31 - n) / 2**31, straight-through gradient.
 
 
 def quantize_decay(amounts, name):
