@@ -39,7 +39,8 @@ class Reversible:
     min_momentum: a lower bound on every momentum, needed only when the momentum is traced
       (e.g. a meta-objective under ``jax.jit``), since the bit stack's size must be static:
       it holds about ``num_steps * log2(1 / min_momentum)`` bits per weight. With a concrete
-      momentum the capacity comes from its values.
+      momentum the capacity comes from its values. It bounds every other traced decay alike:
+      ``1 - learning_rate * weight_decay`` for ``sgd`` and ``adam``, and ``b1``, ``b2``.
     share_gradient: take the recomputed gradient from the same forward-over-reverse pass that
       gives the Hessian-vector products, instead of computing it separately (about 1.6 instead
       of 2.6 gradient evaluations per backward step). ``None`` (default) chooses by backend:
