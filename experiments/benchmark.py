@@ -15,6 +15,12 @@ For every T in --steps, side by side in one process, each method is traced, comp
   remat            jit(grad(meta)) with Checkpoint(segment_length=1): per-step remat
   forward_float    jit(meta) with "unroll": plain float training, no gradient (the floor)
   forward_exact    jit(meta) with "reversible": exact training on the integer grid, no gradient
+  adam_unroll      jit(grad(meta)) with revhyper.adam(method=Unroll()): Adam's reference
+  adam_reversible  jit(grad(meta)) with revhyper.adam(method=Reversible()): Adam, exact
+
+The Adam rows train the same network with revhyper.adam (b1 0.9, b2 0.999, learning rates
+the SGD ones scaled to --adam_learning_rate, --adam_weight_decay), and are compared with
+adam_unroll rather than unroll.
 
 and measured:
 
@@ -26,7 +32,8 @@ and measured:
   * with --measure_rss, the peak resident memory of a fresh process that compiles and runs
     just that method once (this script again, with --rss_child);
   * bits stored by the exact method per weight per step, against the information bound
-    log2(2**16 / n) for the momentum rounded to n / 2**16;
+    log2(2**16 / n) for the momentum rounded to n / 2**16 (Adam: the sum over its decays
+    of log2(1 / factor), from the run's statistics);
   * the relative L2 error of each hypergradient against unroll's (or, where unroll does not
     fit, against the first float method that does).
 
@@ -91,10 +98,15 @@ flags.DEFINE_list("sizes", None, "Layer widths; default 784,50,50,50,10 (--devic
 flags.DEFINE_list("steps", None, "Training lengths T; default 100,300,1000,3000 (--device: "
                   "1000,3000,10000; --quick: 10,20).")
 flags.DEFINE_list("methods", ["forward_float", "forward_exact", "unroll", "remat",
-                              "checkpoint_sqrt", "reversible"], "Methods to measure.")
+                              "checkpoint_sqrt", "reversible", "adam_unroll",
+                              "adam_reversible"], "Methods to measure.")
 flags.DEFINE_integer("batch_size", 200, "Minibatch size.")
 flags.DEFINE_float("learning_rate", math.exp(-1.0), "Learning rate of every layer (e**-1).")
 flags.DEFINE_float("momentum", 0.9, "Momentum gamma.")
+flags.DEFINE_float("adam_learning_rate", 1e-3, "Learning rate of every layer in the Adam rows.")
+flags.DEFINE_float("adam_weight_decay", 0.0, "Decoupled weight decay of the Adam rows. The "
+                   "learning rate is a traced hyperparameter, so a nonzero value sizes the "
+                   "weights' bit stack from Reversible(min_momentum=0.9).")
 flags.DEFINE_float("init_scale", math.exp(-3.0), "Initial weight scale (the paper's e**-3).")
 flags.DEFINE_float("l2", 1e-4, "L2 penalty on the weights.")
 flags.DEFINE_boolean("tune_momentum", False, "Also differentiate with respect to the "
@@ -118,7 +130,8 @@ flags.DEFINE_string("rss_child", None, "Internal: 'method,T' makes this process 
 # method's information bound is log2(2**16 / n) bits per weight per step for gamma = n / 2**16.
 MOMENTUM_GRID = 2**16
 
-HYPERGRADIENT_METHODS = ("unroll", "remat", "checkpoint_sqrt", "reversible")
+ADAM_METHODS = ("adam_unroll", "adam_reversible")
+HYPERGRADIENT_METHODS = ("unroll", "remat", "checkpoint_sqrt", "reversible") + ADAM_METHODS
 FORWARD_METHODS = ("forward_float", "forward_exact")
 ALL_METHODS = FORWARD_METHODS + HYPERGRADIENT_METHODS
 # Reference for hypergradient errors: store-all backprop, else the float method that fits.
@@ -145,6 +158,8 @@ STYLE = {  # one colour and line per method, the same in both figures
     "remat": dict(color="tab:orange", linestyle="-", marker="^"),
     "checkpoint_sqrt": dict(color="tab:purple", linestyle="-", marker="v"),
     "reversible": dict(color="tab:blue", linestyle="-", marker="D", linewidth=2.2),
+    "adam_unroll": dict(color="tab:brown", linestyle=":", marker="o"),
+    "adam_reversible": dict(color="tab:cyan", linestyle=":", marker="D", linewidth=2.2),
 }
 
 
@@ -170,6 +185,8 @@ def config_from_flags():
       batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate,
       momentum=FLAGS.momentum,
+      adam_learning_rate=FLAGS.adam_learning_rate,
+      adam_weight_decay=FLAGS.adam_weight_decay,
       init_scale=FLAGS.init_scale,
       l2=FLAGS.l2,
       tune_momentum=FLAGS.tune_momentum,
@@ -232,6 +249,10 @@ class Problem:
     return revhyper.models.softmax_cross_entropy(logits, self.y_train[idx]) + jnp.exp(log_l2) * penalty
 
   def sgd_method(self, name):
+    if name == "adam_unroll":
+      return revhyper.Unroll()
+    if name == "adam_reversible":
+      return revhyper.Reversible(min_momentum=0.9 if self.cfg["adam_weight_decay"] else None)
     if name in ("unroll", "forward_float"):
       return revhyper.Unroll()
     if name == "checkpoint_sqrt":
@@ -251,10 +272,17 @@ class Problem:
       momentum = revhyper.hyper.momentum_from_logit(hparams["logit_momentum"])
     else:
       momentum = self.cfg["momentum"]
-    out = revhyper.sgd(
-        self.train_loss, params, hparams["log_l2"], num_steps=num_steps,
-        learning_rate=revhyper.hyper.learning_rate_from_log(hparams["log_learning_rate"]),
-        momentum=momentum, method=self.sgd_method(name))
+    learning_rate = revhyper.hyper.learning_rate_from_log(hparams["log_learning_rate"])
+    if name in ADAM_METHODS:
+      scale = self.cfg["adam_learning_rate"] / self.cfg["learning_rate"]
+      out = revhyper.adam(
+          self.train_loss, params, hparams["log_l2"], num_steps=num_steps,
+          learning_rate=jax.tree.map(lambda lr: lr * scale, learning_rate),
+          weight_decay=self.cfg["adam_weight_decay"], method=self.sgd_method(name))
+    else:
+      out = revhyper.sgd(
+          self.train_loss, params, hparams["log_l2"], num_steps=num_steps,
+          learning_rate=learning_rate, momentum=momentum, method=self.sgd_method(name))
     logits = revhyper.models.mlp_apply(out.params, self.x_val)
     return revhyper.models.softmax_cross_entropy(logits, self.y_val), out.stats
 
@@ -306,14 +334,16 @@ def relative_errors(got, reference):
   return {"global": diff / max(norm, 1e-30), "max_per_leaf": max(per_leaf)}
 
 
-def stats_record(problem, stats, num_steps):
+def stats_record(problem, stats, num_steps, adam=False):
   bits = float(stats.bits_per_weight_per_step)
   bound = float(stats.information_bound_bits) / (problem.num_weights * num_steps)
+  # Adam's bound is a sum over its decays, which the statistics compute from the numerators.
+  reference = bound if adam else problem.bound_bits
   return {
       "bits_per_weight_per_step": bits,
-      "bound_bits_per_weight_per_step": problem.bound_bits,
+      "bound_bits_per_weight_per_step": reference,
       "bound_from_stats": bound,
-      "bits_over_bound": bits / problem.bound_bits,
+      "bits_over_bound": bits / reference,
       "bits_stored": float(stats.bits_stored),
       "bytes_stored": float(stats.bits_stored) / 8,
       "capacity_bits": float(stats.capacity_bits),
@@ -428,12 +458,14 @@ def measure_steps(problem, num_steps, earlier):
   del compiled
 
   for name, (value, stats) in outputs.items():
-    if name in ("reversible", "forward_exact"):
-      records[name]["stats"] = stats_record(problem, stats, num_steps)
+    if name in ("reversible", "forward_exact", "adam_reversible"):
+      records[name]["stats"] = stats_record(problem, stats, num_steps, name in ADAM_METHODS)
     if name in FORWARD_METHODS:
       records[name]["meta_objective"] = float(value)
-  reference = next((m for m in REFERENCE_ORDER if m in outputs), None)
   for name in HYPERGRADIENT_METHODS:
+    reference = next((m for m in REFERENCE_ORDER if m in outputs), None)
+    if name in ADAM_METHODS:
+      reference = "adam_unroll" if "adam_unroll" in outputs else None
     if name in outputs and reference is not None:
       records[name]["error_reference"] = reference
       records[name]["relative_error"] = relative_errors(outputs[name][0], outputs[reference][0])
@@ -472,9 +504,10 @@ def table(results):
     load = results.get("load_average", {}).get(key)
     load = f"  (load average {load[0]:.1f} before, {load[1]:.1f} after)" if load else ""
     lines += ["", f"T = {key}{load}", head]
-    t_ref = value(records, "unroll", "time_s") or value(records, "unroll", "time_estimate_s")
-    m_ref = value(records, "unroll", "memory", "temp_bytes")
     for name, r in records.items():
+      ref = "adam_unroll" if name in ADAM_METHODS else "unroll"  # each against its own unroll
+      t_ref = value(records, ref, "time_s") or value(records, ref, "time_estimate_s")
+      m_ref = value(records, ref, "memory", "temp_bytes")
       t = r.get("time_s")
       estimated = t is None and r.get("time_estimate_s") is not None
       t = r.get("time_estimate_s") if estimated else t
@@ -497,8 +530,9 @@ def table(results):
       ]
       note = "  (not run: " + r["not_run"] + ")" if "not_run" in r else ""
       note += "  (" + r["error"][:120] + ")" if "error" in r else ""
-      reference = r.get("error_reference", "unroll")
-      note += f"  (rel err against {reference})" if reference != "unroll" else ""
+      reference = r.get("error_reference", ref)
+      note += f"  (rel err against {reference})" if reference != ref else ""
+      note += "  (ratios and rel err against adam_unroll)" if name == "adam_reversible" else ""
       note += "  (time estimated)" if estimated else ""
       lines.append("".join(cells) + note)
   lines.append("")

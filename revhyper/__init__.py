@@ -3,10 +3,11 @@
 Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through Reversible
 Learning", ICML 2015 (arXiv:1502.03492).
 
-The core, at the top level, is ``sgd``: momentum SGD for a fixed number of steps whose result
-``jax.grad`` can differentiate with respect to every input (initial weights and velocity,
-hyperparameters of the loss, learning-rate and momentum schedules), by exact reversal by
-default; ``round_trip`` checks that reversal on a problem. Around the core, in submodules:
+The core, at the top level, is ``sgd`` and ``adam``: momentum SGD (with optional decoupled
+weight decay) and Adam/AdamW for a fixed number of steps, whose results ``jax.grad`` can
+differentiate with respect to every input (initial weights and optimizer state,
+hyperparameters of the loss, every coefficient's schedule), by exact reversal by default;
+``round_trip`` checks that reversal on a problem. Around the core, in submodules:
 
 * ``revhyper.hyper``: the paper's parameterisations (log learning rates, logit momenta, ...);
 * ``revhyper.meta``: a meta-optimisation loop with logging, checkpoints and resume;
@@ -18,19 +19,22 @@ from revhyper import datasets
 from revhyper import hyper
 from revhyper import meta
 from revhyper import models
+from revhyper._adam import AdamResult
+from revhyper._adam import adam
 from revhyper._errors import ReversalError
-from revhyper._sgd import Checkpoint
-from revhyper._sgd import Reversible
-from revhyper._sgd import RoundTrip
 from revhyper._sgd import SGDResult
-from revhyper._sgd import Stats
-from revhyper._sgd import Unroll
-from revhyper._sgd import round_trip
 from revhyper._sgd import sgd
+from revhyper._training import Checkpoint
+from revhyper._training import Reversible
+from revhyper._training import RoundTrip
+from revhyper._training import Stats
+from revhyper._training import Unroll
+from revhyper._training import round_trip
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdamResult",
     "Checkpoint",
     "ReversalError",
     "Reversible",
@@ -38,6 +42,7 @@ __all__ = (
     "SGDResult",
     "Stats",
     "Unroll",
+    "adam",
     "round_trip",
     "sgd",
 )

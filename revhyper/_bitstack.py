@@ -34,6 +34,14 @@ DENOMINATOR = 2**DENOMINATOR_BITS  # d: momenta are n / 2**16 with 1 <= n <= 2**
 CHUNK_BITS = 32
 HEAD_LOW_BITS = 16  # B = 2**16
 HEAD_HIGH_BITS = 48  # H = 2**48; head * d stays below 2**64.
+# A fine denominator (D > 16) codes k = 8 low bits of the remainder through the head (see
+# ``multiply``): head in [2**8, 2**40), and a result within 2**8 + 1 grid units of the product.
+FINE_HEAD_BITS = 8
+
+
+def head_bits(denominator_bits):
+  """k, the low bits of the remainder that go through the head, for a denominator ``2**D``."""
+  return HEAD_LOW_BITS if denominator_bits <= DENOMINATOR_BITS else FINE_HEAD_BITS
 _CHUNK_MASK = 2**CHUNK_BITS - 1
 
 
@@ -53,14 +61,18 @@ class BitStack(NamedTuple):
   bound: jax.Array
 
 
-def empty(lane_shapes, capacity_chunks):
-  """An empty bit stack with one group of lanes per shape: every head at ``B``, no tail."""
+def empty(lane_shapes, capacity_chunks, k=HEAD_LOW_BITS):
+  """An empty bit stack with one group of lanes per shape: every head at ``B = 2**k``, no tail.
+
+  ``k`` is ``head_bits`` of the denominators the stack will multiply by, the same for all its
+  groups.
+  """
   return BitStack(
-      head=[jnp.full(shape, 2**HEAD_LOW_BITS, jnp.uint64) for shape in lane_shapes],
+      head=[jnp.full(shape, 2**k, jnp.uint64) for shape in lane_shapes],
       tail=jnp.zeros((capacity_chunks,), jnp.uint32),
       ptr=jnp.zeros((), jnp.int64),
       overflow=jnp.zeros((), jnp.bool_),
-      bound=jnp.asarray(2.0**HEAD_LOW_BITS, jnp.float64),
+      bound=jnp.asarray(2.0**k, jnp.float64),
   )
 
 
@@ -131,104 +143,185 @@ def floor_divmod(x, n):
   return q - low.astype(jnp.int64), jnp.where(low, r + n, r)
 
 
-def multiply(stack, values, numerators, min_numerator):
-  """Exact, invertible ``v -> v * n / d``: push ``v mod d`` (base d), pop base ``n``.
+def _blocks(r_hi, numerators, shift):
+  """Block ``r_hi`` of ``[0, n)``: its start ``ceil(r_hi * n / 2**shift)`` and length ``L``.
+
+  The ``2**shift`` blocks tile ``[0, n)``; each has length ``floor(n / 2**shift)`` or one more,
+  at least 1 when ``n >= 2**shift``. Rounding the starts up gives block 0 the longer length:
+  a state stuck at 0 (a weight whose gradient is always 0, and its moments) stays in block 0,
+  and stores no more than the information bound. ``r_hi < 2**shift`` and ``n <= 2**31``, so
+  the products stay below ``2**(shift + 32) <= 2**55`` for ``shift = 31 - 8``.
+  """
+  up = 2**shift - 1
+  start = (r_hi * numerators + up) >> shift
+  return start, (((r_hi + 1) * numerators + up) >> shift) - start
+
+
+def head_bases(numerators, denominator_bits):
+  """``L_min = floor(n / 2**(D - k))``: the smallest base a multiply by ``n / 2**D`` pops.
+
+  For ``D = 16`` (``k = 16``) it is ``n`` itself. Works on numpy and JAX integers alike.
+  """
+  return numerators >> (denominator_bits - head_bits(denominator_bits))
+
+
+def _uniform_head_bits(denominator_bits):
+  ks = {head_bits(bits) for bits in denominator_bits}
+  if len(ks) != 1:
+    raise ValueError(f"one bit stack needs one head width; got denominators {denominator_bits}")
+  return ks.pop()
+
+
+def multiply(stack, values, numerators, min_base, denominator_bits=None):
+  """Exact, invertible ``v -> v * n / d``, ``d = 2**D``: the remainder goes onto the stack.
+
+  With ``D = 16`` (momentum): push ``r = v mod d`` (base d), pop ``x`` in base ``n``, return
+  ``(v div d) * n + x``. A finer denominator (``16 < D <= 31``: the resolution of Adam's
+  ``b2 = 0.999`` or of a weight decay ``1 - lr * wd`` close to 1) would make ``head * d``
+  overflow 64 bits and let ``x`` stray up to ``n`` (2**31) grid units from ``v * n / d``.
+  Instead ``[0, n)`` is cut into ``2**(D - k)`` blocks (``k = head_bits(D) = 8``), one per
+  high part ``r_hi = r >> k`` of the remainder, of length ``L = floor(n / 2**(D - k))`` or one
+  more; ``r_hi`` picks the block and only the low ``k`` bits ``r_lo`` go through the head, which
+  pops the offset ``y`` within the block in base ``L``. This is the ``D = 16`` step with
+  ``(d, n)`` replaced by ``(2**k, L)``: head interval ``[2**k, 2**(32 + k))``, the same 32-bit
+  chunks, products below ``2**(32 + 2k)``, and ``|v' - v * n / d| < L + 1 <= 2**k + 1`` grid
+  units whatever ``D``. It stores ``log2(2**k / L)`` bits, ``log2(d / n)`` on average over the
+  blocks (to within ``1 / (8 L**2 ln 2)`` bits, by Jensen's inequality on ``L``, which varies
+  by at most 1); a value that stays in one block (within ``2**31`` units of 0) stores that
+  block's ``log2(2**k / L)``, at most ``log2(256 / 255) = 0.0056`` bits more than the bound
+  (block 0, where states stuck at 0 stay, is one of the longer ones: no more). The blocks are
+  non-empty for ``n >= 2**(D - k)``: factors of at least 2**-8.
 
   Args:
     stack: the ``BitStack`` (its ``bound`` an upper bound on the heads).
     values: int64 arrays shaped like the stack's head groups, the values to scale (any sign;
       floor division and modulo).
-    numerators: one uint64 ``n`` in ``[1, d]`` per group, a scalar or an array that
-      broadcasts against it.
-    min_numerator: float64 [], the smallest numerator.
+    numerators: one uint64 ``n`` per group, in ``[2**(D - k), 2**D]``, a scalar or an array
+      that broadcasts against it.
+    min_base: float64 [], the smallest ``head_bases`` of the numerators.
+    denominator_bits: static ``D`` per group (16 when ``None``), all with one ``head_bits``.
 
   Returns:
-    ``(stack, values')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
+    ``(stack, values')`` with ``|v' - v * n / d| < min(n, 2**k + 1)``; ``divide`` undoes it.
   """
-  # Before: head in [B, H). Spill where head >= 2**32 * n, so that afterwards head < 2**32 * n,
-  # and head >= n everywhere (a spilled head was >= 2**32 * n; others are >= B >= n). While
-  # the bound shows that no head is near a threshold, the masks, the scan and the scatter are
-  # skipped: spills cluster in a few steps, since all heads grow at the same rate.
-  may_spill = stack.bound >= min_numerator * 2.0**CHUNK_BITS
+  if denominator_bits is None:
+    denominator_bits = (DENOMINATOR_BITS,) * len(values)
+  k = _uniform_head_bits(denominator_bits)
+  parts = []  # per group: (quotient, low remainder, block start, base) of the rANS step
+  for v, n, bits in zip(values, numerators, denominator_bits):
+    quotient = v >> bits  # floor division by d (arithmetic shift)
+    remainder = (v & (2**bits - 1)).astype(jnp.uint64)  # floor modulo by d, in [0, d)
+    if bits == k:
+      parts.append((quotient, remainder, None, n))
+    else:
+      start, base = _blocks(remainder >> k, n, bits - k)
+      parts.append((quotient, remainder & (2**k - 1), start, base))
+  # Before: head in [B, H) = [2**k, 2**(32 + k)). Spill where head >= 2**32 * L, so that
+  # afterwards head < 2**32 * L, and head >= L everywhere (a spilled head was >= 2**32 * L;
+  # others are >= B >= L). While the bound shows that no head is near a threshold, the masks,
+  # the scan and the scatter are skipped: spills cluster in a few steps, since all heads grow
+  # at the same rate.
+  may_spill = stack.bound >= min_base * 2.0**CHUNK_BITS
   stack = jax.lax.cond(
       may_spill,
-      lambda st: _spill(st, [h >= (n << CHUNK_BITS) for h, n in zip(st.head, numerators)]),
+      lambda st: _spill(st, [h >= (p[3] << CHUNK_BITS) for h, p in zip(st.head, parts)]),
       lambda st: st, stack)
   heads, out = [], []
-  for head, v, n in zip(stack.head, values, numerators):
-    remainder = (v & (DENOMINATOR - 1)).astype(jnp.uint64)  # floor modulo by d = 2**16
-    quotient = v >> DENOMINATOR_BITS  # floor division by d (arithmetic shift)
-    s = head * DENOMINATOR + remainder  # < 2**32 * n * d <= 2**64: no uint64 overflow.
-    head = s // n  # unsigned: floor. head' = floor(s / n) >= head * d / n >= d = B, < H.
+  for head, (quotient, low, start, base), n in zip(stack.head, parts, numerators):
+    s = (head << k) + low  # < 2**32 * L * 2**k <= 2**(32 + 2k) <= 2**64: no uint64 overflow.
+    head = s // base  # unsigned: floor. head' >= head * 2**k / L >= 2**k = B, and < H.
+    x = s - head * base  # in [0, L)
+    if start is not None:
+      x = start + x  # in [0, n): the block of r_hi
     heads.append(head)
-    out.append(quotient * n.astype(jnp.int64) + (s - head * n).astype(jnp.int64))
-  # head' <= (head + 1) * d / n.
-  bound = (stack.bound + 1) * (DENOMINATOR / min_numerator) * (1 + _SLACK)
+    out.append(quotient * n.astype(jnp.int64) + x.astype(jnp.int64))
+  # head' <= (head + 1) * 2**k / L.
+  bound = (stack.bound + 1) * (2.0**k / min_base) * (1 + _SLACK)
   return stack._replace(head=heads, bound=bound), out
 
 
-def divide(stack, values, numerators, min_numerator):
-  """Exact inverse of ``multiply``: pop the remainder back, push the popped base-``n`` symbol.
+def divide(stack, values, numerators, min_base, denominator_bits=None):
+  """Exact inverse of ``multiply``: pop the remainder back, push the popped symbol.
 
   ``stack.bound`` must be a lower bound on the heads (``for_popping``).
   """
+  if denominator_bits is None:
+    denominator_bits = (DENOMINATOR_BITS,) * len(values)
+  k = _uniform_head_bits(denominator_bits)
   heads, out = [], []
-  for head, v, n in zip(stack.head, values, numerators):
-    quotient, popped = floor_divmod(v, n.astype(jnp.int64))  # popped in [0, n)
-    s = head * n + popped.astype(jnp.uint64)  # head in [B, H), n <= 2**16: s < 2**64.
-    heads.append(s >> DENOMINATOR_BITS)
-    out.append(quotient * DENOMINATOR + (s & (DENOMINATOR - 1)).astype(jnp.int64))
-  # head = floor(s / d) >= head' * n / d - 1.
-  bound = (stack.bound * (min_numerator / DENOMINATOR) - 1) * (1 - _SLACK)
+  for head, v, n, bits in zip(stack.head, values, numerators, denominator_bits):
+    quotient, x = floor_divmod(v, n.astype(jnp.int64))  # x in [0, n)
+    x = x.astype(jnp.uint64)
+    if bits == k:
+      s = head * n + x  # head in [B, H), n <= 2**k: s < 2**(32 + 2k) <= 2**64.
+      heads.append(s >> k)
+      out.append((quotient << bits) + (s & (2**k - 1)).astype(jnp.int64))
+      continue
+    shift = bits - k
+    # The block holding x: the largest r_hi with ceil(r_hi * n / 2**shift) <= x, i.e.
+    # r_hi * n <= x * 2**shift. Every block is non-empty, so x lies inside it.
+    r_hi = (x << shift) // n
+    start, base = _blocks(r_hi, n, shift)
+    s = head * base + (x - start)  # head < H = 2**(32 + k), L <= 2**k: s < 2**64.
+    heads.append(s >> k)
+    remainder = (r_hi << k) | (s & (2**k - 1))
+    out.append((quotient << bits) + remainder.astype(jnp.int64))
+  # head = floor(s / 2**k) >= head' * L / 2**k - 1.
+  bound = (stack.bound * (min_base / 2.0**k) - 1) * (1 - _SLACK)
   stack = stack._replace(head=heads, bound=bound)
   # A lane spilled in the forward step exactly when its head is now below B.
   stack = jax.lax.cond(
-      bound < 2.0**HEAD_LOW_BITS,
-      lambda st: _refill(st, [h < 2**HEAD_LOW_BITS for h in st.head]),
+      bound < 2.0**k,
+      lambda st: _refill(st, [h < 2**k for h in st.head]),
       lambda st: st, stack)
   return stack, out
 
 
-def stored_bits(stack):
+def stored_bits(stack, k=HEAD_LOW_BITS):
   """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane."""
-  # An empty lane holds exactly 0 bits; a fused log2 need not return exactly 16 for B.
-  head_bits = sum(jnp.sum(jnp.where(h == 2**HEAD_LOW_BITS, 0.0,
-                                    jnp.log2(h.astype(jnp.float64)) - HEAD_LOW_BITS))
-                  for h in stack.head)
-  return stack.ptr.astype(jnp.float64) * CHUNK_BITS + head_bits
+  # An empty lane holds exactly 0 bits; a fused log2 need not return exactly k for B.
+  in_heads = sum(jnp.sum(jnp.where(h == 2**k, 0.0, jnp.log2(h.astype(jnp.float64)) - k))
+                 for h in stack.head)
+  return stack.ptr.astype(jnp.float64) * CHUNK_BITS + in_heads
 
 
-def is_empty(stack):
-  """True when every head is back at ``B`` and the tail holds nothing."""
-  empty_heads = [jnp.all(h == 2**HEAD_LOW_BITS) for h in stack.head]
+def is_empty(stack, k=HEAD_LOW_BITS):
+  """True when every head is back at ``B = 2**k`` and the tail holds nothing."""
+  empty_heads = [jnp.all(h == 2**k) for h in stack.head]
   return functools.reduce(jnp.logical_and, empty_heads, stack.ptr == 0)
 
 
-def information_bits(numerators):
+def information_bits(numerators, denominator_bits=DENOMINATOR_BITS):
   """``log2(d / n)``: the bits one multiply by ``n / d`` must store, per lane (numpy)."""
-  return DENOMINATOR_BITS - np.log2(np.asarray(numerators, np.float64))
+  return denominator_bits - np.log2(np.asarray(numerators, np.float64))
 
 
-def max_chunks_per_lane(numerators):
-  """A deterministic upper bound on the chunks one lane spills over a momentum schedule.
+def max_chunks_per_lane(numerators, denominator_bits=DENOMINATOR_BITS):
+  """A deterministic upper bound on the chunks one lane spills over a schedule of multiplies.
 
-  Each multiply grows ``log2(head) + 32 * spills`` by less than
-  ``log2(d / n) + log2(1 + 1 / head_before)``. ``head_before >= B = 2**16`` except just after a
-  spill, where ``head_before >= n`` and the excess is at most ``log2(1 + 1 / n_min)``, and the
-  final head is at least ``B``. With ``S = sum_t log2(d / n_t)`` and K spills:
-  ``32 K <= S + T * log2(1 + 2**-16) + K * log2(1 + 1 / n_min)``.
+  A multiply by ``n / 2**D`` pops a base ``L >= L_min = head_bases(n, D)`` (``n`` when
+  ``D = 16``) and grows ``log2(head) + 32 * spills`` by less than
+  ``log2(2**k / L_min) + log2(1 + 1 / head_before)``, ``k = head_bits(D)``.
+  ``head_before >= B = 2**k`` except just after a spill, where ``head_before >= L`` and the
+  excess is at most ``log2(1 + 1 / min_t L_min)``, and the final head is at least ``B``. With
+  ``S = sum_t log2(2**k / L_min_t)`` and K spills:
+  ``32 K <= S + T * log2(1 + 2**-k) + K * log2(1 + 1 / min_t L_min_t)``.
 
   Args:
-    numerators: ints, the numerators ``n_t`` of the schedule, one lane's, in ``[1, d]``.
+    numerators: ints, the numerators ``n_t`` of the schedule, one lane's, in
+      ``[2**(D - 16), 2**D]``.
+    denominator_bits: ``D``.
 
   Returns:
     int, K_max.
   """
-  numerators = np.asarray(numerators, np.float64).reshape(-1)
+  numerators = np.asarray(numerators, np.int64).reshape(-1)
   if numerators.size == 0:
     return 0
-  total = information_bits(numerators).sum() + numerators.size * np.log2(1 + 2.0**-16)
-  per_spill = CHUNK_BITS - np.log2(1 + 1 / numerators.min())
+  k = head_bits(denominator_bits)
+  bases = head_bases(numerators, denominator_bits).astype(np.float64)
+  total = information_bits(bases, k).sum() + numerators.size * np.log2(1 + 2.0**-k)
+  per_spill = CHUNK_BITS - np.log2(1 + 1 / bases.min())
   # A tiny slack guards the float evaluation of the bound itself.
   return int(np.floor(total / per_spill + 1e-9))
 

@@ -1,27 +1,39 @@
-"""Exactly reversible momentum SGD as a ``jax.custom_vjp`` over ``lax.scan``.
+"""The exact engine: a reversible optimizer as a ``jax.custom_vjp`` over ``lax.scan``.
 
 Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through Reversible
-Learning", ICML 2015, Algorithms 1 and 2. The forward pass trains on an integer grid::
+Learning", ICML 2015, Algorithms 1 and 2, for any optimizer whose step is made of two kinds of
+exactly invertible pieces on an integer grid (a ``Rule``):
+
+* rational multiplications ``x -> x * n / d`` (momentum, Adam's moment decays, a decoupled
+  weight decay), made bijective by the bit stack (``_bitstack``), which stores what they lose;
+* additions ``x += round(f(y) * 2**R)`` of a float increment computed from *other* variables
+  (``_fixed_point``), undone by subtracting the same increment, recomputed from the same
+  integers.
+
+Every step has the same shape::
 
     g_t     = grad_w L(w_t, hparams, t)
-    v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t      # rational multiply (bit stack), exact add
-    w_{t+1} = w_t + alpha_t * v_{t+1}                  # exact add
+    s_{t+1} = decay(s_t) + slot_increments(coefs_t, g_t)          # each slot: velocity, moments
+    w_{t+1} = decay(w_t) + weight_increment(coefs_t, s_{t+1})     # decay only with weight decay
 
-and keeps only ``(w_T, v_T)`` and the bit stack. The backward pass runs the same steps in
-reverse, rebuilding every ``(w_t, v_t)`` bit for bit, and takes the cotangents of each step at
-the rebuilt state from ``jax.vjp`` (and ``jax.linear_transpose``) of the float update and from
-a forward-mode Hessian-vector product of the gradient: the paper's Algorithm 2 without
+and the forward pass keeps only ``(w_T, s_T)`` and the bit stacks. The backward pass runs the
+steps in reverse, rebuilding every ``(w_t, s_t)`` bit for bit (the weights first, since their
+increment reads only ``s_{t+1}``; then ``g_t`` at ``w_t``; then the slots), and takes the
+cotangents of each step at the rebuilt state from ``jax.vjp`` of the rule's float update and
+from a forward-mode Hessian-vector product of the gradient: the paper's Algorithm 2 without
 hand-derived formulas. Memory is O(weights + stored bits).
 
 Bit-exactness needs the reverse to recompute each gradient ``g_t`` bit for bit. The gradient
 subgraph is therefore fenced with ``lax.optimization_barrier`` on all its inputs and outputs,
-so that XLA compiles it identically in both loops. With ``share_gradient`` the fenced subgraph
-is the forward-over-reverse pass itself, whose primal output is ``g_t`` and whose tangents are
-the Hessian-vector products, so the backward pass computes the gradient once per step.
+so that XLA compiles it identically in both loops. With ``share_gradient``, for a rule whose
+update is linear in the gradient (momentum SGD), the fenced subgraph is the forward-over-reverse
+pass itself, whose primal output is ``g_t`` and whose tangents are the Hessian-vector products,
+so the backward pass computes the gradient once per step.
 
-Precision: the state lives on the 2**-48 grid whatever the leaves' dtype; the loss sees the
-weights rounded to each leaf's dtype, and the increments are computed in the leaf's compute
-dtype (at least float32), as the float methods do with their float32-or-wider state.
+Precision: each state lives on its own grid (``Slot.fractional_bits``) whatever the leaves'
+dtype; the loss sees the weights rounded to each leaf's dtype, and the increments are computed
+in the leaf's compute dtype (at least float32), as the float methods do with their
+float32-or-wider state.
 
 Only first-order reverse mode is supported: the backward pass reads the integer state, whose
 derivative is zero, so differentiating it (``jax.hessian``, grad of grad) or the forward pass
@@ -31,7 +43,7 @@ derivative is zero, so differentiating it (``jax.hessian``, grad of grad) or the
 import dataclasses
 import enum
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +52,54 @@ import numpy as np
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One optimizer state beside the weights (a velocity, a moment), per parameter leaf."""
+
+  name: str
+  fractional_bits: int  # its grid 2**-R; range |x| < 2**(61 - R)
+  denominator_bits: int  # D of its decay x -> x * n / 2**D
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A reversible optimizer: its states, exact additive updates, rational decays, float update.
+
+  Subclasses are frozen dataclasses (hashable: part of the static ``Config``) and implement
+  the three methods on lists with one entry per parameter leaf; ``coefs`` is the rule's
+  NamedTuple of per-leaf coefficients at one step (scalars), ``slots`` a tuple with one list
+  per ``Slot``. The integer engine runs ``s <- s * n_s / 2**D_s + slot_increments(coefs, g)``
+  and ``w <- w * n_w / 2**D_w + weight_increment(coefs, s)``; ``update`` must compute the same
+  step in floats, with the decays as multiplications by the rounded factors carried in
+  ``coefs``, so that the float methods run the same dynamics and its vjp gives the cotangents.
+  """
+
+  slots = ()  # tuple of Slot
+  # D of the weights' own decay (decoupled weight decay); None: the weights are not multiplied.
+  weight_decay_bits = None
+  # The update is linear in g with a Jacobian independent of (s_t, g_t), so that the backward
+  # pass can take g's cotangent before recomputing g (and share the gradient pass).
+  linear_in_gradient = False
+  # Compute the increments between optimization barriers (see ``_weight_increment``); a rule
+  # whose increments are single multiplications, which round alike however XLA fuses them,
+  # may skip the fence and its cost.
+  fence_increments = True
+
+  def slot_increments(self, coefs, g):
+    """The float increments added to each slot after its decay: a tuple of per-leaf lists."""
+    raise NotImplementedError
+
+  def weight_increment(self, coefs, slots):
+    """The float increment added to the weights after their decay, from the new slots."""
+    raise NotImplementedError
+
+  def update(self, coefs, w, slots, g):
+    """One step in floats: ``(w_{t+1}, s_{t+1})`` from ``(w_t, s_t, g_t)``."""
+    raise NotImplementedError
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +130,14 @@ class Config:
   """Everything static about one reversible run (hashable: a custom_vjp nondiff argument)."""
 
   loss_fn: Callable  # loss_fn(param_leaves: list, hparams, t) -> scalar; closure-free, hashable.
+  rule: Rule
   layout: Layout
   num_steps: int
-  capacity_chunks: int
+  capacity_chunks: tuple  # one per bit stack: (slots' decays, weights' decay if any)
   share_gradient: bool
   checks: bool
   check_reversal: bool
-  min_momentum: Any  # the bound the user gave for a traced momentum (for messages), or None
+  min_momentum: Any  # the bound the user gave for a traced decay (for messages), or None
   # The caller's x64 setting: the loss runs under it, not under the scoped x64 that the
   # integer arithmetic needs, so that unannotated arrays in loss_fn keep the caller's dtypes.
   user_x64: bool
@@ -86,18 +147,20 @@ class State(NamedTuple):
   """The exact training state."""
 
   w: list  # int64 arrays shaped like the parameter leaves: weights on the 2**-48 grid.
-  v: list  # int64 arrays likewise: velocities on the same grid.
-  stack: _bitstack.BitStack  # one group of lanes per parameter leaf
-  in_range: list  # bool arrays likewise, sticky: False once a weight left the exact range.
+  slots: tuple  # per Slot, int64 arrays likewise, each on its slot's grid.
+  stacks: tuple  # BitStacks: the slots' decays (one group per slot and leaf), the weights' if any
+  in_range: list  # bool arrays likewise, sticky: False once a value left its exact range.
 
 
 class Steps(NamedTuple):
   """Per-step inputs of the scans (leading axis: steps)."""
 
   t: jax.Array  # int32 [T]
-  alpha: list  # one [T] float array per leaf, in the leaf's compute dtype
-  gamma: list  # one [T] float array per leaf, in the leaf's compute dtype: n / 2**16
-  numerator: list  # one int32 [T] array per leaf: n, the momentum's numerator in [1, 2**16]
+  coefs: Any  # the rule's NamedTuple of per-leaf [T] float arrays, in the leaves' compute dtypes
+  # Per Slot, one integer [T] array per leaf: n, the decay's numerator over 2**D (derived once,
+  # in _schedules); int32 for D = 16, uint32 for D = 31.
+  numerators: tuple
+  weight_numerators: Optional[list]  # likewise for the weights' decay, or None
 
 
 def _barrier(tree):
@@ -171,40 +234,26 @@ def _hessian_vector(config, w_leaves, hparams, t, tangent):
     return jax.jvp(lambda w: gradients(w, h_floats), (w_leaves,), (tangent,))[1]
 
 
-def _velocity_increment(gamma, g):
-  # (1 - gamma) is exact for gamma = n / 2**16; one float rounding, recomputed identically.
-  return [(1 - c) * x.astype(_fixed_point.compute_dtype(x.dtype)) for c, x in zip(gamma, g)]
-
-
-def _weight_increment(alpha, v_leaves):
-  return [a * x.astype(_fixed_point.compute_dtype(x.dtype)) for a, x in zip(alpha, v_leaves)]
-
-
-def _numerators(numerator):
-  """The step's numerators as uint64 scalars, one per leaf, and their minimum (float64)."""
-  return ([n.astype(jnp.uint64) for n in numerator],
-          jnp.min(jnp.stack(numerator)).astype(jnp.float64))
-
-
 def _float_leaves(config, x):
   """The grid values in each leaf's own dtype: what the loss sees."""
   return [_fixed_point.to_float(x, dtype) for x, dtype in zip(x, config.layout.dtypes)]
 
 
-def _compute_leaves(config, x):
+def _compute_leaves(config, x, fractional_bits=_fixed_point.FRACTIONAL_BITS):
   """The grid values in each leaf's compute dtype: what the updates are computed from."""
-  return [_fixed_point.to_float(x, _fixed_point.compute_dtype(dtype))
+  return [_fixed_point.to_float(x, _fixed_point.compute_dtype(dtype), fractional_bits)
           for x, dtype in zip(x, config.layout.dtypes)]
 
 
-def _add(x, increments):
-  """``_fixed_point.add`` leaf by leaf; returns ``(ints, in_range masks)``."""
-  pairs = [_fixed_point.add(a, b) for a, b in zip(x, increments)]
-  return [a for a, _ in pairs], [ok for _, ok in pairs]
+def _slot_floats(config, slots):
+  return tuple(_compute_leaves(config, x, slot.fractional_bits)
+               for x, slot in zip(slots, config.rule.slots))
 
 
-def _subtract(x, increments):
-  pairs = [_fixed_point.subtract(a, b) for a, b in zip(x, increments)]
+def _add(x, increments, fractional_bits=_fixed_point.FRACTIONAL_BITS, sign=1):
+  """``_fixed_point.add`` (or ``subtract``) leaf by leaf; returns ``(ints, in_range masks)``."""
+  op = _fixed_point.add if sign > 0 else _fixed_point.subtract
+  pairs = [op(a, b, fractional_bits) for a, b in zip(x, increments)]
   return [a for a, _ in pairs], [ok for _, ok in pairs]
 
 
@@ -212,64 +261,138 @@ def _and(*masks):
   return [functools.reduce(jnp.logical_and, group) for group in zip(*masks)]
 
 
-def _forward_step(config, hparams, form, state, step):
-  t, alpha, gamma, numerator = step
-  w_leaves = _float_leaves(config, state.w)
-  g, _ = _gradient(config, w_leaves, hparams, t, form)
-  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(numerator))
-  v, v_ok = _subtract(v, _velocity_increment(gamma, g))
-  v_leaves = _compute_leaves(config, v)
-  w, w_ok = _add(state.w, _weight_increment(alpha, v_leaves))
-  # The states entering the two additions are in range and so are the increments: no sum
-  # wrapped. (The multiply only shrinks |v|.) The final state is checked after the loop.
-  states_ok = [_fixed_point.in_range(x) & _fixed_point.in_range(y)
-               for x, y in zip(w_leaves, v_leaves)]
-  return State(w, v, stack, _and(state.in_range, v_ok, w_ok, states_ok))
+def _flat(slots):
+  return [x for leaves in slots for x in leaves]
 
 
-def _undo_position(config, state, alpha):
-  """Undoes ``w_{t+1} = w_t + alpha_t * v_{t+1}``; returns ``(w_t int, w_t, v_{t+1})``.
+def _unflat(flat, num_slots):
+  size = len(flat) // max(num_slots, 1)
+  return tuple(flat[i * size:(i + 1) * size] for i in range(num_slots))
 
-  ``w_t`` comes in the leaves' dtypes (the loss's input), ``v_{t+1}`` in the compute dtypes.
+
+def _slot_bits(config):
+  """Static D per group of the slots' bit stack: one group per slot and leaf."""
+  return tuple(slot.denominator_bits for slot in config.rule.slots
+               for _ in config.layout.shapes)
+
+
+def _head_bits(config):
+  """``k`` of each bit stack (slots' decays, weights' decay): one width per stack."""
+  ks = (_bitstack.head_bits(config.rule.slots[0].denominator_bits),)
+  if config.rule.weight_decay_bits is not None:
+    ks += (_bitstack.head_bits(config.rule.weight_decay_bits),)
+  return ks
+
+
+def _bases(numerators, bits):
+  """The numerators as uint64 (one per group) and the smallest head base, float64."""
+  numerators = [n.astype(jnp.uint64) for n in numerators]
+  bases = [_bitstack.head_bases(n, b) for n, b in zip(numerators, bits)]
+  return numerators, jnp.min(jnp.stack(bases)).astype(jnp.float64)
+
+
+def _decay(stack, values, numerators, bits, inverse=False):
+  """The rational multiplies of one stage, all groups at once (one renormalisation)."""
+  op = _bitstack.divide if inverse else _bitstack.multiply
+  numerators, min_base = _bases(numerators, bits)
+  return op(stack, values, numerators, min_base, bits)
+
+
+def _slot_increments(config, coefs, g):
+  """The rule's slot increments, fenced like the gradient (see ``_weight_increment``)."""
+  if not config.rule.fence_increments:
+    return config.rule.slot_increments(coefs, g)
+  return _barrier(config.rule.slot_increments(*_barrier((coefs, g))))
+
+
+def _weight_increment(config, coefs, slots):
+  """The rule's weight increment, between optimization barriers.
+
+  Reversal subtracts the very float the forward step added, so the increment must be computed
+  bit for bit alike in both loops; without the fence XLA fuses it with its neighbours (the
+  backward pass's vjp of the same expressions) and, for Adam's divisions and square root,
+  measurably did not round alike.
   """
-  v_next = _compute_leaves(config, state.v)
-  w, _ = _subtract(state.w, _weight_increment(alpha, v_next))
-  return w, _float_leaves(config, w), v_next
+  if not config.rule.fence_increments:
+    return config.rule.weight_increment(coefs, slots)
+  return _barrier(config.rule.weight_increment(*_barrier((coefs, slots))))
 
 
-def _undo_velocity(config, state, w, g, gamma, numerator):
-  """Undoes ``v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t`` given the recomputed ``g_t``."""
-  v, _ = _add(state.v, _velocity_increment(gamma, g))
-  stack, v = _bitstack.divide(state.stack, v, *_numerators(numerator))
-  return State(w, v, stack, state.in_range)
+def _forward_step(config, hparams, form, state, step):
+  rule = config.rule
+  w_leaves = _float_leaves(config, state.w)
+  g, _ = _gradient(config, w_leaves, hparams, step.t, form)
+  slot_stack, slots = _decay(state.stacks[0], _flat(state.slots),
+                             _flat(step.numerators), _slot_bits(config))
+  slots, checks = list(_unflat(slots, len(rule.slots))), []
+  for i, (slot, inc) in enumerate(zip(rule.slots, _slot_increments(config, step.coefs, g))):
+    slots[i], ok = _add(slots[i], inc, slot.fractional_bits)
+    checks.append(ok)
+  slot_floats = _slot_floats(config, slots)
+  w, stacks = state.w, (slot_stack,)
+  if rule.weight_decay_bits is not None:
+    weight_stack, w = _decay(state.stacks[1], w, step.weight_numerators,
+                             (rule.weight_decay_bits,) * len(w))
+    stacks += (weight_stack,)
+  w, w_ok = _add(w, _weight_increment(config, step.coefs, slot_floats))
+  # The states entering the additions are in range and so are the increments: no sum wrapped.
+  # (A decay moves a value by at most 2**16 + 1 grid units beyond |x| n / d.) The final state
+  # is checked after the loop.
+  states_ok = [_fixed_point.in_range(x) for x in w_leaves]
+  for slot, floats in zip(rule.slots, slot_floats):
+    states_ok = _and(states_ok, [_fixed_point.in_range(x, slot.fractional_bits) for x in floats])
+  return State(w, tuple(slots), stacks, _and(state.in_range, w_ok, states_ok, *checks))
+
+
+def _undo_weights(config, state, step):
+  """Undoes ``w_{t+1} = decay(w_t) + weight_increment(s_{t+1})``; returns the state with
+  ``w_t`` and the new slots' floats ``s_{t+1}`` (compute dtypes)."""
+  rule = config.rule
+  slots_next = _slot_floats(config, state.slots)
+  w, _ = _add(state.w, _weight_increment(config, step.coefs, slots_next), sign=-1)
+  stacks = state.stacks
+  if rule.weight_decay_bits is not None:
+    weight_stack, w = _decay(stacks[1], w, step.weight_numerators,
+                             (rule.weight_decay_bits,) * len(w), inverse=True)
+    stacks = (stacks[0], weight_stack)
+  return state._replace(w=w, stacks=stacks), slots_next
+
+
+def _undo_slots(config, state, g, step):
+  """Undoes ``s_{t+1} = decay(s_t) + slot_increments(g_t)`` given the recomputed ``g_t``."""
+  rule = config.rule
+  slots = [_add(x, inc, slot.fractional_bits, sign=-1)[0] for x, inc, slot
+           in zip(state.slots, _slot_increments(config, step.coefs, g), rule.slots)]
+  slot_stack, slots = _decay(state.stacks[0], _flat(slots), _flat(step.numerators),
+                             _slot_bits(config), inverse=True)
+  return state._replace(slots=_unflat(slots, len(rule.slots)),
+                        stacks=(slot_stack,) + state.stacks[1:])
 
 
 def _reverse_step(config, hparams, form, state, step):
   """Undoes ``_forward_step`` exactly."""
-  t, alpha, gamma, numerator = step
-  w, w_leaves, _ = _undo_position(config, state, alpha)
-  g, _ = _gradient(config, w_leaves, hparams, t, form)
-  return _undo_velocity(config, state, w, g, gamma, numerator)
+  state, _ = _undo_weights(config, state, step)
+  g, _ = _gradient(config, _float_leaves(config, state.w), hparams, step.t, form)
+  return _undo_slots(config, state, g, step)
 
 
-def position_update(w, v_next, alpha):
-  """``w_{t+1} = w_t + alpha_t * v_{t+1}``, per leaf."""
-  return [x + a * y for x, y, a in zip(w, v_next, alpha)]
-
-
-def velocity_update(v, g, gamma):
-  """``v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t``, per leaf."""
-  return [c * x - (1 - c) * y for x, y, c in zip(v, g, gamma)]
-
-
-def _initial_state(config, params, velocity):
+def _initial_state(config, params, slots):
   w_parts = [_fixed_point.to_fixed(x) for x in params]
-  v_parts = [_fixed_point.to_fixed(x) for x in velocity]
+  slot_parts = [[_fixed_point.to_fixed(x, slot.fractional_bits) for x in leaves]
+                for leaves, slot in zip(slots, config.rule.slots)]
+  in_range = [ok for _, ok in w_parts]
+  for parts in slot_parts:
+    in_range = _and(in_range, [ok for _, ok in parts])
+  shapes = config.layout.shapes
+  ks = _head_bits(config)
+  stacks = (_bitstack.empty(shapes * len(config.rule.slots), config.capacity_chunks[0], ks[0]),)
+  if config.rule.weight_decay_bits is not None:
+    stacks += (_bitstack.empty(shapes, config.capacity_chunks[1], ks[1]),)
   return State(
       w=[x for x, _ in w_parts],
-      v=[x for x, _ in v_parts],
-      stack=_bitstack.empty(config.layout.shapes, config.capacity_chunks),
-      in_range=[a & b for (_, a), (_, b) in zip(w_parts, v_parts)],
+      slots=tuple([x for x, _ in parts] for parts in slot_parts),
+      stacks=stacks,
+      in_range=in_range,
   )
 
 
@@ -283,10 +406,14 @@ class Stats(NamedTuple):
   information_bound_bits: jax.Array  # float32 [], sum over weights and steps of log2(d / n_t).
   capacity_bits: jax.Array  # float32 [], what the preallocated stack can hold.
   bits_per_weight_per_step: jax.Array  # float32 [], bits_stored / (weights * steps).
-  fixed_point_overflow: jax.Array  # bool [], a value left the exact range |x| < 2**13.
+  # bool [], a value left its exact range: |x| < 2**13 for weights, velocities and Adam's first
+  # moment, 0 <= nu < 2 for Adam's second moment (whose grid is finer).
+  fixed_point_overflow: jax.Array
   buffer_overflow: jax.Array  # bool [], the bit stack ran out of capacity.
-  invalid_hyperparameters: jax.Array  # bool [], non-finite learning rate or momentum not in [0, 1].
-  non_finite: jax.Array  # bool [], final weights or velocities not finite.
+  # bool [], a non-finite learning rate, or a decay coefficient (momentum, b1, b2,
+  # learning_rate * weight_decay) outside [0, 1], or a negative or non-finite eps.
+  invalid_hyperparameters: jax.Array
+  non_finite: jax.Array  # bool [], final weights or optimizer states not finite.
 
   @property
   def failed(self):
@@ -319,53 +446,67 @@ def any_non_finite(*trees):
 
 
 INVALID_HYPERPARAMETERS = (
-    "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1].")
+    "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1] "
+    "(adam: b1, b2 or learning_rate * weight_decay outside [0, 1], or eps, eps_root negative "
+    "or not finite).")
 NON_FINITE = (
     "non-finite training: the final weights or velocities are NaN or infinite; the training run "
     "diverged, e.g. from too large a learning rate.")
 
 
-def _stats(config, state, numerator, invalid, params_out, velocity_out):
+def _decays(config, steps):
+  """``(numerators, D)`` of every group of every bit stack, in the stacks' order."""
+  pairs = list(zip(_flat(steps.numerators), _slot_bits(config)))
+  if config.rule.weight_decay_bits is not None:
+    pairs += [(n, config.rule.weight_decay_bits) for n in steps.weight_numerators]
+  return pairs
+
+
+def _stats(config, state, steps, invalid, params_out, slots_out):
   layout = config.layout
   bound = jnp.zeros((), jnp.float64)
-  for size, n in zip(layout.sizes, numerator):
-    # Momentum 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
-    bits = jnp.where(n == _bitstack.DENOMINATOR, 0.0,
-                     _bitstack.DENOMINATOR_BITS - jnp.log2(n.astype(jnp.float64)))
-    bound += size * jnp.sum(bits)
-  stored = _bitstack.stored_bits(state.stack)
+  for size, (n, bits) in zip(layout.sizes * (len(config.rule.slots) + 1), _decays(config, steps)):
+    # A factor of 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
+    n = n.astype(jnp.float64)
+    bound += size * jnp.sum(jnp.where(n == 2.0**bits, 0.0, bits - jnp.log2(n)))
+  stored = sum(_bitstack.stored_bits(stack, k)
+               for stack, k in zip(state.stacks, _head_bits(config)))
   lanes_steps = max(layout.num_lanes * config.num_steps, 1)
-  capacity = _bitstack.CHUNK_BITS * (config.capacity_chunks + layout.num_lanes)
+  lanes = layout.num_lanes * (len(config.rule.slots) + (config.rule.weight_decay_bits is not None))
+  capacity = _bitstack.CHUNK_BITS * (sum(config.capacity_chunks) + lanes)
   return Stats(
       bits_stored=stored.astype(jnp.float32),
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
       fixed_point_overflow=jnp.logical_not(_all_equal(state.in_range, [True] * len(state.w))),
-      buffer_overflow=state.stack.overflow,
+      buffer_overflow=functools.reduce(jnp.logical_or, [st.overflow for st in state.stacks]),
       invalid_hyperparameters=invalid,
-      non_finite=any_non_finite(params_out, velocity_out),
+      non_finite=any_non_finite(params_out, slots_out),
   )
 
 
 def failure_messages(stats, min_momentum=None):
   """``(flag, message)`` for every kind of failure that ``stats`` records, most specific first."""
   if min_momentum is ...:  # not known where the statistics are read
-    stack_hint = ("a momentum fell below the min_momentum given to revhyper.Reversible for a "
-                  "traced momentum; lower min_momentum")
+    stack_hint = ("a momentum (or decay) fell below the min_momentum given to "
+                  "revhyper.Reversible for a traced momentum; lower min_momentum")
   elif min_momentum is None:
     # The capacity was computed from the momenta themselves, with a proven bound.
     stack_hint = ("the capacity computed from the momentum schedule was too small, which "
                   "should not happen; please report it")
   else:
-    stack_hint = (f"a momentum fell below the min_momentum={min_momentum} given to "
+    stack_hint = (f"a momentum (or decay) fell below the min_momentum={min_momentum} given to "
                   "revhyper.Reversible; lower min_momentum")
   return [
       (stats.invalid_hyperparameters, INVALID_HYPERPARAMETERS),
       (stats.fixed_point_overflow,
        "fixed-point overflow: a weight, velocity or update left the exact range "
-       f"|x| < {_fixed_point.MAX_ABS_VALUE:g} (or was not finite); the training run diverged, "
-       "e.g. from too large a learning rate. Exact reversal is impossible."),
+       f"|x| < {_fixed_point.MAX_ABS_VALUE:g} (adam: or a moment left its range, "
+       f"|mu| < {_fixed_point.max_abs_value(_fixed_point.FIRST_MOMENT_BITS):g}, "
+       f"0 <= nu < {_fixed_point.max_abs_value(_fixed_point.SECOND_MOMENT_BITS):g}: scale the "
+       "loss down), or was not finite; the training run diverged, e.g. from too large a "
+       "learning rate. Exact reversal is impossible."),
       (stats.buffer_overflow, f"bit-stack overflow: the information buffer ran out of "
        f"capacity: {stack_hint}."),
       (stats.non_finite, NON_FINITE),
@@ -387,7 +528,9 @@ def check(stats, checks, min_momentum=None):
 
 
 def _reversal_form(config):
-  return Gradient.LINEARIZED if config.share_gradient else Gradient.FENCED
+  if config.share_gradient and config.rule.linear_in_gradient:
+    return Gradient.LINEARIZED
+  return Gradient.FENCED
 
 
 @jax.custom_jvp
@@ -420,36 +563,45 @@ def _guard(tree):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _forward(config, params, velocity, hparams, steps, invalid, form):
+def _outputs(config, state):
+  """The final weights and slots in the leaves' dtypes, and the state with its range checked."""
+  params_out = _float_leaves(config, state.w)
+  final_ok = [_fixed_point.in_range(x) for x in params_out]
+  slots_out = []
+  for x, slot in zip(state.slots, config.rule.slots):
+    slots_out.append([_fixed_point.to_float(y, dtype, slot.fractional_bits)
+                      for y, dtype in zip(x, config.layout.dtypes)])
+    final_ok = _and(final_ok, [_fixed_point.in_range(y, slot.fractional_bits)
+                               for y in slots_out[-1]])
+  return params_out, tuple(slots_out), state._replace(in_range=_and(state.in_range, final_ok))
+
+
+def _forward(config, params, slots, hparams, steps, invalid, form):
   with jax.enable_x64(True):
-    state = _initial_state(config, params, velocity)
+    state = _initial_state(config, params, slots)
     step_fn = lambda s, x: (_forward_step(config, hparams, form, s, x), None)
-    state, _ = jax.lax.scan(step_fn, state, tuple(steps))
-    params_out = _float_leaves(config, state.w)
-    velocity_out = _float_leaves(config, state.v)
-    final_ok = [_fixed_point.in_range(x) & _fixed_point.in_range(y)
-                for x, y in zip(params_out, velocity_out)]
-    state = state._replace(in_range=_and(state.in_range, final_ok))
-    stats = _stats(config, state, steps.numerator, invalid, params_out, velocity_out)
+    state, _ = jax.lax.scan(step_fn, state, steps)
+    params_out, slots_out, state = _outputs(config, state)
+    stats = _stats(config, state, steps, invalid, params_out, slots_out)
   failed = check(stats, config.checks, config.min_momentum)
-  params_out, velocity_out = _errors.poison(failed, (params_out, velocity_out))
-  return params_out, velocity_out, stats, state, failed
+  params_out, slots_out = _errors.poison(failed, (params_out, slots_out))
+  return params_out, slots_out, stats, state, failed
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run(config, params, velocity, hparams, steps, invalid):
+def _run(config, params, slots, hparams, steps, invalid):
   # Not differentiated, so never reversed: the cheapest gradient form.
-  params_out, velocity_out, stats, _, _ = _forward(
-      config, params, velocity, hparams, steps, invalid, Gradient.PLAIN)
-  return params_out, velocity_out, stats
+  params_out, slots_out, stats, _, _ = _forward(
+      config, params, slots, hparams, steps, invalid, Gradient.PLAIN)
+  return params_out, slots_out, stats
 
 
-def _run_fwd(config, params, velocity, hparams, steps, invalid):
-  params, velocity, hparams, steps = _guard((params, velocity, hparams, steps))
-  params_out, velocity_out, stats, state, failed = _forward(
-      config, params, velocity, hparams, steps, invalid, _reversal_form(config))
-  initial = (params, velocity) if config.check_reversal else None
-  return (params_out, velocity_out, stats), (state, hparams, steps, initial, failed)
+def _run_fwd(config, params, slots, hparams, steps, invalid):
+  params, slots, hparams, steps = _guard((params, slots, hparams, steps))
+  params_out, slots_out, stats, state, failed = _forward(
+      config, params, slots, hparams, steps, invalid, _reversal_form(config))
+  initial = (params, slots) if config.check_reversal else None
+  return (params_out, slots_out, stats), (state, hparams, steps, initial, failed)
 
 
 def _zero_cotangent(x):
@@ -459,65 +611,70 @@ def _zero_cotangent(x):
   return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
+def _cast(tree, dtypes):
+  return [x.astype(d) for x, d in zip(tree, dtypes)]
+
+
 def _run_bwd(config, residuals, cotangents):
   """Algorithm 2 of the paper: undo each step exactly, then pull its cotangents back."""
   residuals, cotangents = _guard((residuals, cotangents))
   state, hparams, steps, initial, failed = residuals
-  dparams, dvelocity, _ = cotangents
-  h_floats, merge = _differentiable(hparams)
+  rule, dtypes = config.rule, config.layout.dtypes
+  h_floats, _ = _differentiable(hparams)
   form = _reversal_form(config)
-  compute_dtypes = [_fixed_point.compute_dtype(d) for d in config.layout.dtypes]
+  compute_dtypes = [_fixed_point.compute_dtype(d) for d in dtypes]
 
   def body(carry, step):
-    state, dw, dv, dh = carry
-    t, alpha, gamma, numerator = step
-    w, w_leaves, v_next = _undo_position(config, state, alpha)
-    w_compute = [x.astype(d) for x, d in zip(w_leaves, compute_dtypes)]
-    _, position_pullback = jax.vjp(position_update, w_compute, v_next, alpha)
-    dw, dv_from_w, dalpha = position_pullback(dw)
-    dv = [a + b for a, b in zip(dv, dv_from_w)]
-    # The velocity update is linear in (v_t, g_t): its transpose needs neither, so the
-    # cotangent of g_t is known before g_t is recomputed, and one forward-over-reverse pass
-    # yields g_t (to rebuild v_t) together with its Hessian-vector products.
-    velocity_transpose = jax.linear_transpose(
-        lambda v, g: velocity_update(v, g, gamma), w_compute, w_compute)
-    dv_prev, dg = velocity_transpose(dv)
-    dg = [x.astype(y.dtype) for x, y in zip(dg, w_leaves)]  # g_t has the leaves' dtypes
+    state, dw, dslots, dh = carry
+    # The weights' increment reads only the new slots s_{t+1}, so w_t comes back first, and
+    # with it g_t, which the slots' increments need.
+    state, slots_next = _undo_weights(config, state, step)
+    w_leaves = _float_leaves(config, state.w)
+    w_compute = _cast(w_leaves, compute_dtypes)
     if form is Gradient.LINEARIZED:
-      g, (hvp_w, hvp_h) = _gradient(config, w_leaves, hparams, t, form, tangent=dg)
+      # An update linear in g_t, with a Jacobian that reads neither g_t nor s_t: the cotangent
+      # of g_t is known before g_t is recomputed (here at stand-ins for both), so that one
+      # forward-over-reverse pass yields g_t (to rebuild s_t) and its Hessian-vector products.
+      zeros = [jnp.zeros_like(x) for x in w_compute]
+      _, pullback = jax.vjp(lambda g: rule.update(step.coefs, w_compute, slots_next, g), zeros)
+      (dg,) = pullback((dw, dslots))
+      g, (hvp_w, hvp_h) = _gradient(config, w_leaves, hparams, step.t, form,
+                                    tangent=_cast(dg, dtypes))
     else:
-      g, _ = _gradient(config, w_leaves, hparams, t, form)
-      hvp_w, hvp_h = _hessian_vector(config, w_leaves, hparams, t, dg)
-    state = _undo_velocity(config, state, w, g, gamma, numerator)
-    v_leaves = _compute_leaves(config, state.v)
-    g_compute = [x.astype(d) for x, d in zip(g, compute_dtypes)]
-    _, gamma_pullback = jax.vjp(lambda c: velocity_update(v_leaves, g_compute, c), gamma)
-    (dgamma,) = gamma_pullback(dv)
+      g, _ = _gradient(config, w_leaves, hparams, step.t, form)
+    state = _undo_slots(config, state, g, step)
+    # The step's own cotangents, at the rebuilt (w_t, s_t, g_t).
+    slots = _slot_floats(config, state.slots)
+    _, pullback = jax.vjp(rule.update, step.coefs, w_compute, slots, _cast(g, compute_dtypes))
+    dcoefs, dw, dslots, dg = pullback((dw, dslots))
+    if form is not Gradient.LINEARIZED:
+      hvp_w, hvp_h = _hessian_vector(config, w_leaves, hparams, step.t, _cast(dg, dtypes))
     dw = [a + b.astype(a.dtype) for a, b in zip(dw, hvp_w)]
     dh = [a + b.astype(a.dtype) for a, b in zip(dh, hvp_h)]
-    return (state, dw, dv_prev, dh), ([jnp.sum(x) for x in dalpha], [jnp.sum(x) for x in dgamma])
+    return (state, dw, dslots, dh), dcoefs
 
+  dparams, dslots, _ = cotangents
   dh = [jnp.zeros_like(x) for x in h_floats]
   # The cotangents are carried in the compute dtypes, like the state they belong to.
-  dparams = [x.astype(d) for x, d in zip(dparams, compute_dtypes)]
-  dvelocity = [x.astype(d) for x, d in zip(dvelocity, compute_dtypes)]
+  carry = (state, _cast(dparams, compute_dtypes),
+           tuple(_cast(x, compute_dtypes) for x in dslots), dh)
   with jax.enable_x64(True):
-    state = state._replace(stack=_bitstack.for_popping(state.stack))
-    carry = (state, dparams, dvelocity, dh)
-    (state, dw, dv, dh), (dalpha, dgamma) = jax.lax.scan(body, carry, tuple(steps),
-                                                          reverse=True)
+    state = state._replace(stacks=tuple(_bitstack.for_popping(st) for st in state.stacks))
+    (state, dw, dslots, dh), dcoefs = jax.lax.scan(
+        body, (state,) + carry[1:], steps, reverse=True)
   if config.check_reversal:
     failed |= _check_reconstruction(config, state, initial)
-  dw = [x.astype(d) for x, d in zip(dw, config.layout.dtypes)]
-  dv = [x.astype(d) for x, d in zip(dv, config.layout.dtypes)]
   dh_floats = iter(dh)
   dhparams = jax.tree_util.tree_map(
       lambda x: next(dh_floats) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
       else _zero_cotangent(x), hparams)
-  dsteps = type(steps)(np.zeros(steps.t.shape, jax.dtypes.float0), dalpha, dgamma,
-                       [np.zeros(n.shape, jax.dtypes.float0) for n in steps.numerator])
+  no_tangent = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  dsteps = Steps(no_tangent(steps.t), dcoefs, jax.tree_util.tree_map(no_tangent, steps.numerators),
+                 jax.tree_util.tree_map(no_tangent, steps.weight_numerators))
+  dslots = tuple(_cast(x, dtypes) for x in dslots)
   # A failed run has no trustworthy gradient: NaN rather than a wrong number.
-  return _errors.poison(failed, (dw, dv, dhparams, dsteps, np.zeros((), jax.dtypes.float0)))
+  return _errors.poison(failed, (_cast(dw, dtypes), dslots, dhparams, dsteps,
+                                 np.zeros((), jax.dtypes.float0)))
 
 
 def _all_equal(xs, ys):
@@ -535,22 +692,33 @@ REVERSAL_CHECK_FAILED = (
 def _check_reconstruction(config, state, initial):
   """Raises if the rebuilt state is concrete and wrong; returns the flag to poison with."""
   with jax.enable_x64(True):
-    reference = _initial_state(config, *initial)
-    exact = (_all_equal(state.w, reference.w) & _all_equal(state.v, reference.v)
-             & _bitstack.is_empty(state.stack))
+    exact = _exact(config, state, _initial_state(config, *initial))
   mismatch = jnp.logical_not(exact)
   if _errors.raise_if(mismatch, REVERSAL_CHECK_FAILED):
     return jnp.zeros((), jnp.bool_)
   return mismatch
 
 
+def _exact(config, state, reference):
+  """The rebuilt integer state equals the reference and every bit stack is empty."""
+  exact = _all_equal(state.w, reference.w)
+  for x, y in zip(state.slots, reference.slots):
+    exact &= _all_equal(x, y)
+  return exact & _all_empty(config, state)
+
+
+def _all_empty(config, state):
+  return functools.reduce(jnp.logical_and, [_bitstack.is_empty(st, k) for st, k
+                                            in zip(state.stacks, _head_bits(config))])
+
+
 _run.defvjp(_run_fwd, _run_bwd)
 
 
-def run(config, params, velocity, hparams, steps, invalid):
-  """Trains exactly; differentiable in params, velocity, hparams and the schedules."""
+def run(config, params, slots, hparams, steps, invalid):
+  """Trains exactly; differentiable in params, slots, hparams and the schedules."""
   try:
-    return _run(config, params, velocity, hparams, steps, invalid)
+    return _run(config, params, slots, hparams, steps, invalid)
   except TypeError as e:
     # JAX's own message for jvp of a custom_vjp says what, not what to do instead.
     if "custom_vjp" in str(e) and "jvp" in str(e):
@@ -560,12 +728,12 @@ def run(config, params, velocity, hparams, steps, invalid):
 
 class Reconstruction(NamedTuple):
   params: list  # the reconstructed initial weights, leaves as floats
-  velocity: list  # the reconstructed initial velocity
-  exact: jax.Array  # bool []: integer states equal the initial ones and the stack is empty
+  slots: tuple  # the reconstructed initial slots, per slot a list of leaves
+  exact: jax.Array  # bool []: integer states equal the initial ones and the stacks are empty
   buffer_empty: jax.Array  # bool []
 
 
-def train_and_reverse(config, params, velocity, hparams, steps, invalid):
+def train_and_reverse(config, params, slots, hparams, steps, invalid):
   """Trains forward, then runs the exact reversal with no gradients.
 
   Both loops use the gradient form of the differentiated path, so this checks what
@@ -574,22 +742,21 @@ def train_and_reverse(config, params, velocity, hparams, steps, invalid):
   """
   form = _reversal_form(config)
   unchecked = dataclasses.replace(config, checks=False)
-  params_out, velocity_out, stats, state, _ = _forward(
-      unchecked, params, velocity, hparams, steps, invalid, form)
+  params_out, slots_out, stats, state, _ = _forward(
+      unchecked, params, slots, hparams, steps, invalid, form)
 
   def body(state, step):
     return _reverse_step(config, hparams, form, state, step), None
 
   with jax.enable_x64(True):
-    initial = _initial_state(config, params, velocity)
-    state = state._replace(stack=_bitstack.for_popping(state.stack))
-    rebuilt, _ = jax.lax.scan(body, state, tuple(steps), reverse=True)
-    empty = _bitstack.is_empty(rebuilt.stack)
-    exact = _all_equal(rebuilt.w, initial.w) & _all_equal(rebuilt.v, initial.v) & empty
+    initial = _initial_state(config, params, slots)
+    state = state._replace(stacks=tuple(_bitstack.for_popping(st) for st in state.stacks))
+    rebuilt, _ = jax.lax.scan(body, state, steps, reverse=True)
+    rebuilt_params, rebuilt_slots, _ = _outputs(config, rebuilt)
     reconstruction = Reconstruction(
-        params=_float_leaves(config, rebuilt.w),
-        velocity=_float_leaves(config, rebuilt.v),
-        exact=exact,
-        buffer_empty=empty,
+        params=rebuilt_params,
+        slots=rebuilt_slots,
+        exact=_exact(config, rebuilt, initial),
+        buffer_empty=_all_empty(config, rebuilt),
     )
-  return params_out, velocity_out, stats, reconstruction
+  return params_out, slots_out, stats, reconstruction

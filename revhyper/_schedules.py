@@ -171,3 +171,97 @@ def _round_momentum(gamma, numerators):
 def _round_momentum_jvp(primals, tangents):
   gamma, numerators = primals
   return _round_momentum(gamma, numerators), tangents[0]
+
+
+# Rational multiplies close to 1 (Adam's b1 and b2, a weight decay 1 - lr * wd) use the finer
+# denominator 2**31: b2 = 0.999 and lr * wd = 1e-5 are then resolved to 2**-31 = 4.7e-10 (on
+# 2**-16, b2 would become 0.998993 and (1 - b2) be off by 0.7%). 2**31 is the finest grid whose
+# numerators n <= 2**31 fit a uint32 (x64 may be off where they are derived); the bit stack
+# codes it with 64-bit products (see ``_bitstack.multiply``).
+DECAY_BITS = 31
+# The bit stack's blocks are non-empty for n >= 2**(31 - 8): decay factors of at least 2**-8.
+_DECAY_FLOOR = 2**(DECAY_BITS - _bitstack.head_bits(DECAY_BITS))
+
+
+class Decay(NamedTuple):
+  """A decay schedule ``x -> (1 - c) x`` on the rational grid ``n / 2**DECAY_BITS``, derived once.
+
+  The amount ``c`` (``1 - b1``, ``1 - b2``, ``learning_rate * weight_decay``) is rounded to a
+  multiple of ``2**-31``, not the factor ``1 - c``: in float32 ``1 - 1e-7`` is off by 30%.
+  """
+
+  numerators: list  # uint32 [num_steps] per leaf: n = 2**31 - round(c * 2**31), >= 2**23.
+  amounts: list  # float [num_steps] per leaf: (2**31 - n) / 2**31, straight-through gradient.
+
+
+def quantize_decay(amounts, name):
+  """Rounds each leaf's amount ``c`` to ``m / 2**31``; ``n = 2**31 - m`` is kept at least
+  ``2**23`` (a factor of at least 2**-8, which the bit stack needs), with a warning if clipped.
+
+  Args:
+    amounts: a ``Schedule`` of amounts in ``[0, 1]`` (its values known where they are, so that
+      the numerators, and the capacity, are computed at trace time).
+    name: how the warning names the decay.
+
+  Returns:
+    a ``Decay``.
+  """
+  numerators, values, clipped = [], [], False
+  for c, known in zip(amounts.arrays, amounts.values):
+    with jax.ensure_compile_time_eval():
+      n = _decay_numerators(c if known is None else jnp.asarray(known))
+    if known is not None:
+      clipped |= bool(np.any(np.round(np.asarray(known, np.float64) * 2.0**DECAY_BITS)
+                             > 2**DECAY_BITS - _DECAY_FLOOR))
+    numerators.append(n)
+    values.append(_round_amount(c, n))
+  if clipped:
+    warnings.warn(f"{name} rounds to a factor below 2**-8, which the exact arithmetic cannot "
+                  "hold; it is clipped to 2**-8 (8 bits stored per weight per step). The "
+                  "gradient is that of the clipped dynamics.", stacklevel=4)
+  return Decay(numerators, values)
+
+
+def combine(op, *schedules):
+  """``op`` leaf by leaf on ``Schedule``s: on the arrays, and on the known values alike."""
+  arrays = [op(*xs) for xs in zip(*(s.arrays for s in schedules))]
+  values = [None if any(v is None for v in vs) else op(*vs)
+            for vs in zip(*(s.values for s in schedules))]
+  return Schedule(arrays, values)
+
+
+def _decay_numerators(c):
+  d = 2**DECAY_BITS
+  # Exact in float32 and float64: c * 2**31 only shifts the exponent; round is half-even.
+  m = jnp.clip(jnp.round(c * float(d)), 0, d - _DECAY_FLOOR)
+  return jnp.uint32(d) - m.astype(jnp.uint32)
+
+
+@jax.custom_jvp
+def _round_amount(c, numerators):
+  """``(2**31 - n) / 2**31`` in c's dtype, with the gradient of ``c`` (straight through)."""
+  return (jnp.uint32(2**DECAY_BITS) - numerators).astype(c.dtype) * 2.0**-DECAY_BITS
+
+
+@_round_amount.defjvp
+def _round_amount_jvp(primals, tangents):
+  c, numerators = primals
+  return _round_amount(c, numerators), tangents[0]
+
+
+def check_range(schedule, name, low, high, what=None):
+  """Raises ``ValueError`` if a concrete value of the ``Schedule`` lies outside ``[low, high]``."""
+  for value in schedule.values:
+    if value is None:
+      continue
+    bad = ~((value >= low) & (value <= high))
+    if np.any(bad):
+      raise ValueError(f"{name} must {what or f'lie in [{low}, {high}]'}, got {value[bad][:5]}.")
+
+
+def outside(arrays, low, high):
+  """A bool scalar: some traced value lies outside ``[low, high]`` (or is NaN)."""
+  bad = jnp.zeros((), jnp.bool_)
+  for x in arrays:
+    bad |= jnp.logical_not(jnp.all((x >= low) & (x <= high)))
+  return bad

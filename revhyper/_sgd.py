@@ -1,95 +1,60 @@
-"""``revhyper.sgd``: momentum SGD whose whole training run is differentiable.
+"""``revhyper.sgd``: momentum SGD, with optional decoupled weight decay, as a reversible rule.
 
-One function, three memory strategies that give the same gradients:
-
-* ``Reversible()``: exact reversal (Maclaurin et al. 2015); memory O(weights + bits stored).
-* ``Unroll()``: plain backprop through the float ``lax.scan``; memory O(steps x activations).
-* ``Checkpoint(segment_length)``: the float scan, rematerialised in segments of
-  ``segment_length`` steps (``sqrt(T)`` by default; 1 recomputes every step).
+The rule (``SGD``) is all that is specific to this optimizer: its one state (the velocity),
+its exact additive updates, its rational multiplies (the momentum on ``n / 2**16``, the weight
+decay on ``n / 2**31``) and its float update. The engine (``_reversible``) and the methods
+(``_training``) are shared with every other optimizer.
 """
 
 import dataclasses
-import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jax._src import core as jax_core
-
-from revhyper import _bitstack
-from revhyper import _errors
-from revhyper import _fixed_point
 from revhyper import _reversible
 from revhyper import _schedules
+from revhyper import _training
 
 Stats = _reversible.Stats
 
+VELOCITY = _reversible.Slot("velocity", fractional_bits=48, denominator_bits=16)
 
-@dataclasses.dataclass(frozen=True)
-class Reversible:
-  """Exact reversal: train on an integer grid, run training backwards in the backward pass.
 
-  Attributes:
-    min_momentum: a lower bound on every momentum, needed only when the momentum is traced
-      (e.g. a meta-objective under ``jax.jit``), since the bit stack's size must be static:
-      it holds about ``num_steps * log2(1 / min_momentum)`` bits per weight. With a concrete
-      momentum the capacity comes from its values.
-    share_gradient: take the recomputed gradient from the same forward-over-reverse pass that
-      gives the Hessian-vector products, instead of computing it separately (about 1.6 instead
-      of 2.6 gradient evaluations per backward step). ``None`` (default) chooses by backend:
-      on the CPU sharing is bit-exact; on a GPU the shared pass was measured not to be (XLA
-      compiles its primal part differently in the two loops), so it is off there.
-    checks: act on fixed-point or bit-stack overflow and invalid hyperparameters: raise
-      ``ReversalError`` where the values are concrete (eager calls), and make the outputs (and
-      hypergradients) NaN inside ``jit``. Either way the flags are in ``result.stats``.
-    check_reversal: in the backward pass, compare the rebuilt initial state with the original
-      bit for bit (keeps a copy of the initial state); on a mismatch, raise ``ReversalError``
-      in an eager ``jax.grad`` and make every hypergradient NaN under ``jit``. This checks the
-      gradient path itself; use it once on a new problem or backend.
-  """
+class SGDCoefs(NamedTuple):
+  """One step's coefficients, per leaf (scalars inside the scan, ``[T]`` arrays outside)."""
 
-  min_momentum: Optional[float] = None
-  share_gradient: Optional[bool] = None
-  checks: bool = True
-  check_reversal: bool = False
-
-  def __post_init__(self):
-    if self.min_momentum is not None and not 0 <= self.min_momentum <= 1:
-      raise ValueError(f"min_momentum must lie in [0, 1], got {self.min_momentum}.")
+  alpha: list  # learning rate
+  gamma: list  # momentum n / 2**16
+  decay: Optional[list]  # alpha * lambda on the 2**-31 grid, or None without weight decay
 
 
 @dataclasses.dataclass(frozen=True)
-class Unroll:
-  """Store-all backprop through the float training scan: the reference method.
+class SGD(_reversible.Rule):
+  """Momentum SGD in this library's convention, with optional decoupled weight decay."""
 
-  Attributes:
-    checks: act on invalid hyperparameters and non-finite results as ``Reversible`` does.
-  """
+  weight_decay: bool = False
 
-  checks: bool = True
+  slots = (VELOCITY,)
+  linear_in_gradient = True
+  fence_increments = False  # (1 - gamma) * g and alpha * v: one multiplication each
 
+  @property
+  def weight_decay_bits(self):
+    return _schedules.DECAY_BITS if self.weight_decay else None
 
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-  """Backprop through the float scan, recomputing each segment of steps in the backward pass.
+  def slot_increments(self, coefs, g):
+    # (1 - gamma) is exact for gamma = n / 2**16; one float rounding, recomputed identically.
+    return ([-((1 - c) * x.astype(c.dtype)) for c, x in zip(coefs.gamma, g)],)
 
-  Attributes:
-    segment_length: steps per checkpointed segment; ``None`` gives ``ceil(sqrt(num_steps))``
-      (memory O(sqrt(T))), 1 recomputes every step from its stored input (memory O(T)).
-  """
+  def weight_increment(self, coefs, slots):
+    return [a * v for a, v in zip(coefs.alpha, slots[0])]
 
-  segment_length: Optional[int] = None
-  checks: bool = True
-
-  def __post_init__(self):
-    if self.segment_length is not None and (
-        not isinstance(self.segment_length, int) or self.segment_length < 1):
-      raise ValueError(f"segment_length must be a positive int, got {self.segment_length!r}.")
-
-
-_METHODS = {"reversible": Reversible, "unroll": Unroll, "checkpoint": Checkpoint}
+  def update(self, coefs, w, slots, g):
+    v = [c * x - (1 - c) * y for x, y, c in zip(slots[0], g, coefs.gamma)]
+    if self.weight_decay:
+      w = [x - l * x for x, l in zip(w, coefs.decay)]
+    return [x + a * y for x, y, a in zip(w, v, coefs.alpha)], (v,)
 
 
 class SGDResult(NamedTuple):
@@ -100,274 +65,56 @@ class SGDResult(NamedTuple):
   stats: Stats  # diagnostics (not differentiable)
 
 
-class RoundTrip(NamedTuple):
-  """What ``round_trip`` returns."""
-
-  params: Any  # final weights w_T
-  velocity: Any  # final velocity v_T
-  initial_params: Any  # w_0 rebuilt by running training backwards
-  initial_velocity: Any  # v_0 rebuilt likewise
-  exact: jax.Array  # bool []: rebuilt integer state equals w_0, v_0 and the stack is empty
-  buffer_empty: jax.Array  # bool []: the bit stack is empty after the reversal
-  stats: Stats  # the training run's diagnostics
+def _is_zero(schedule):
+  return all(v is not None and not v.any() for v in schedule.values)
 
 
-def _method(method):
-  if isinstance(method, str):
-    if method not in _METHODS:
-      raise ValueError(f"method must be one of {sorted(_METHODS)} or a method object, "
-                       f"got {method!r}.")
-    return _METHODS[method]()
-  if not isinstance(method, (Reversible, Unroll, Checkpoint)):
-    raise ValueError(f"method must be one of {sorted(_METHODS)}, revhyper.Reversible(...), "
-                     f"revhyper.Unroll() or revhyper.Checkpoint(...); got {method!r}.")
-  return method
-
-
-def _check_float_tree(tree, name):
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    where = f"{name}{jax.tree_util.keystr(path)}"
-    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)):
-      raise ValueError(
-          f"{where} must be a float array, got {type(leaf).__name__} ({leaf!r:.60}). Pass only "
-          "the arrays to train: split a model object into arrays and static parts first (e.g. "
-          "equinox: params, static = eqx.partition(model, eqx.is_inexact_array), then "
-          "eqx.combine(params, static) inside loss_fn; flax nnx: nnx.split(model)).")
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"{where} must be a float array, got dtype {dtype}.")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ClosedLoss:
-  """``loss_fn`` as a jaxpr whose closed-over arrays are explicit inputs.
-
-  Equal (and hashing alike) when the jaxprs print alike, so that a repeated call with the same
-  loss reuses the compiled program, while a loss that closes over other arrays of the same
-  shapes still does, reading the new values: they are arguments, never baked-in constants.
-  """
-
-  jaxpr: Any  # jax.core.Jaxpr: inputs are the consts, then the flattened (w, hparams, t).
-  in_tree: Any
-  key: str  # the jaxpr's text
-
-  def __call__(self, w_leaves, hparams, t):
-    (h, consts) = hparams
-    args = jax.tree_util.tree_leaves((w_leaves, h, t))
-    return jax.core.eval_jaxpr(self.jaxpr, list(consts), *args)[0]
-
-  def __eq__(self, other):
-    return (isinstance(other, _ClosedLoss) and self.key == other.key
-            and self.in_tree == other.in_tree)
-
-  def __hash__(self):
-    return hash((self.key, self.in_tree))
-
-
-def _close_loss(loss_on_leaves, leaves, hparams):
-  """Traces the loss once: its output is checked and its closed-over arrays are hoisted."""
-  t0 = jnp.zeros((), jnp.int32)
-  try:
-    closed = jax.make_jaxpr(loss_on_leaves)(leaves, hparams, t0)
-  except TypeError as e:
-    raise ValueError(f"loss_fn(params, hparams, t) could not be traced: {e}") from e
-  out = closed.out_avals
-  if not (len(out) == 1 and out[0].shape == () and jnp.issubdtype(out[0].dtype, jnp.floating)):
-    raise ValueError(f"loss_fn(params, hparams, t) must return a float scalar, got {out}.")
-  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0))
-  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr))
-  return loss, tuple(closed.consts)
-
-
-class _Problem(NamedTuple):
-  """Validated, flattened inputs shared by every method."""
-
-  loss_fn: Any  # _ClosedLoss: loss_fn(param_leaves, (hparams, consts), t)
-  treedef: Any
-  params: list
-  velocity: list
-  hparams: Any  # (the user's hparams, the loss's closed-over arrays)
-  steps: _reversible.Steps
-  invalid: jax.Array
-
-
-def _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity):
-  if not callable(loss_fn):
-    raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-    raise ValueError(f"num_steps must be a Python int (it is static), got {num_steps!r}.")
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-  num_steps = int(num_steps)
-  _check_float_tree(params, "params")
-  # Strongly typed, so that a weakly typed input (a Python float, or an array computed from
-  # one) neither changes the loss's dtype promotion nor the compiled program's key.
-  strong = lambda x: jnp.asarray(x, dtype=jnp.result_type(x))
-  params = jax.tree_util.tree_map(strong, params)
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  if not leaves:
-    raise ValueError("params must contain at least one array.")
-  if not any(x.size for x in leaves):
-    raise ValueError(f"params must hold at least one element; every leaf has size 0 "
-                     f"({[x.shape for x in leaves]}).")
-  if velocity is None:
-    velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
-  _check_float_tree(velocity, "velocity")
-  velocity = jax.tree_util.tree_map(strong, velocity)
-  v_leaves, v_treedef = jax.tree_util.tree_flatten(velocity)
-  if v_treedef != treedef:
-    raise ValueError(f"velocity must have the structure of params ({treedef}), got {v_treedef}.")
-  for p, v in zip(leaves, v_leaves):
-    if jnp.shape(p) != jnp.shape(v) or jnp.result_type(p) != jnp.result_type(v):
-      raise ValueError(f"velocity leaves must match params in shape and dtype: got "
-                       f"{jnp.shape(v)} {jnp.result_type(v)} for {jnp.shape(p)} "
-                       f"{jnp.result_type(p)}.")
-  hparams = jax.tree_util.tree_map(jnp.asarray, hparams)
-
-  def loss_on_leaves(w_leaves, h, t):
-    return loss_fn(jax.tree_util.tree_unflatten(treedef, w_leaves), h, t)
-
-  closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams)
+def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
+             weight_decay=0.0):
+  num_steps = _training.check_num_steps(loss_fn, num_steps)
+  leaves, treedef = _training.flatten_params(params)
+  v_leaves = _training.flatten_like(velocity, leaves, treedef, "velocity")
+  closed_loss, hparams = _training.close_loss(loss_fn, leaves, treedef, hparams)
+  params = jax.tree_util.tree_unflatten(treedef, leaves)
   alphas = _schedules.broadcast(learning_rate, params, num_steps, "learning_rate")
   gammas = _schedules.broadcast(momentum, params, num_steps, "momentum")
+  decays = _schedules.broadcast(weight_decay, params, num_steps, "weight_decay")
   _schedules.check_concrete(alphas, gammas)
   invalid = _schedules.runtime_invalid(alphas.arrays, gammas.arrays)
   momenta = _schedules.quantize_momentum(gammas)
   # The step computes in each leaf's compute dtype; n / 2**16 is exact in it.
-  compute = [_fixed_point.compute_dtype(jnp.result_type(x)) for x in leaves]
+  compute = _training.compute_dtypes(leaves)
+  cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
+  rule, decay, weight_numerators = SGD(weight_decay=not _is_zero(decays)), None, None
+  if rule.weight_decay:
+    amounts = _schedules.combine(lambda a, l: a * l, alphas, decays)
+    _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
+    invalid |= _schedules.outside(amounts.arrays, 0, 1)
+    quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
+    decay, weight_numerators = cast(quantized.amounts), quantized.numerators
   steps = _reversible.Steps(
       t=jnp.arange(num_steps, dtype=jnp.int32),
-      alpha=[a.astype(d) for a, d in zip(alphas.arrays, compute)],
-      gamma=[g.astype(d) for g, d in zip(momenta.values, compute)],
-      numerator=momenta.numerators)
-  return _Problem(closed_loss, treedef, leaves, v_leaves, (hparams, consts), steps, invalid)
+      coefs=SGDCoefs(alpha=cast(alphas.arrays), gamma=cast(momenta.values), decay=decay),
+      numerators=(momenta.numerators,),
+      weight_numerators=weight_numerators)
+  return _training.Problem(rule, closed_loss, treedef, leaves, (v_leaves,), hparams, steps,
+                           invalid, present=lambda slots: slots[0])
 
 
-def _capacity_chunks(method, problem, layout):
-  """Static size of the bit stack's tail, from concrete numerators or ``min_momentum``."""
-  chunks = 0
-  for size, numerators in zip(layout.sizes, problem.steps.numerator):
-    known = _schedules.concrete_value(numerators)
-    if known is None:
-      if method.min_momentum is None:
-        raise ValueError(
-            "momentum is traced (e.g. a hyperparameter under jax.jit), so the size of the bit "
-            "stack cannot be computed from its values. Pass a static lower bound: "
-            "method=revhyper.Reversible(min_momentum=...).")
-      n_min = max(1, round(method.min_momentum * _bitstack.DENOMINATOR))
-      known = np.full(problem.steps.t.shape, n_min)
-    chunks += size * _bitstack.bucket(_bitstack.max_chunks_per_lane(known))
-  return max(chunks, 1)  # a zero-size tail would make even the skipped gather ill-formed
-
-
-def _reversible_config(method, problem):
-  layout = _reversible.Layout.of(problem.params)
-  traced_momentum = any(_schedules.concrete_value(n) is None for n in problem.steps.numerator)
-  return _reversible.Config(
-      loss_fn=problem.loss_fn,
-      layout=layout,
-      num_steps=int(problem.steps.t.shape[0]),
-      capacity_chunks=_capacity_chunks(method, problem, layout),
-      share_gradient=(jax.default_backend() == "cpu" if method.share_gradient is None
-                      else method.share_gradient),
-      checks=method.checks,
-      check_reversal=method.check_reversal,
-      min_momentum=method.min_momentum if traced_momentum else None,
-      user_x64=bool(jax.config.jax_enable_x64),
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class _FloatConfig:
-  """Everything static about one float-method run (hashable: a jit static argument)."""
-
-  loss_fn: Any
-  dtypes: tuple  # the parameter leaves' dtypes
-  method: Any  # Unroll or Checkpoint
-  user_x64: bool
-
-
-def _float_scan(config, params, velocity, hparams, steps):
-  """Momentum SGD in floats, differentiated by JAX (store-all or checkpointed).
-
-  The state is carried in each leaf's compute dtype (at least float32), as the reversible
-  method carries it on its fine grid; the loss sees the weights in the leaves' own dtypes.
-  """
-  def loss_grad(w, t):
-    with jax.enable_x64(config.user_x64):
-      w_leaves = [x.astype(d) for x, d in zip(w, config.dtypes)]
-      g = jax.grad(config.loss_fn)(w_leaves, hparams, t)
-    return [x.astype(y.dtype) for x, y in zip(g, w)]
-
-  def step(carry, s):
-    w, v = carry
-    t, alpha, gamma, _ = s
-    v = _reversible.velocity_update(v, loss_grad(w, t), gamma)
-    return (_reversible.position_update(w, v, alpha), v), None
-
-  compute = [_fixed_point.compute_dtype(d) for d in config.dtypes]
-  carry = ([x.astype(d) for x, d in zip(params, compute)],
-           [x.astype(d) for x, d in zip(velocity, compute)])
-  steps = tuple(steps)
-  num_steps = steps[0].shape[0]
-  method = config.method
-  if isinstance(method, Unroll):
-    w, v = jax.lax.scan(step, carry, steps)[0]
-  else:
-    k = method.segment_length or math.ceil(math.sqrt(num_steps))
-    if k == 1:
-      w, v = jax.lax.scan(jax.checkpoint(step), carry, steps)[0]
-    else:
-      @jax.checkpoint
-      def segment(carry, segment_steps):
-        return jax.lax.scan(step, carry, segment_steps)[0], None
-
-      whole = num_steps // k * k
-      head = jax.tree_util.tree_map(lambda x: x[:whole].reshape((-1, k) + x.shape[1:]), steps)
-      carry = jax.lax.scan(segment, carry, head)[0]
-      if whole < num_steps:
-        carry = segment(carry, jax.tree_util.tree_map(lambda x: x[whole:], steps))[0]
-      w, v = carry
-  return ([x.astype(d) for x, d in zip(w, config.dtypes)],
-          [x.astype(d) for x, d in zip(v, config.dtypes)])
-
-
-def _run_float(config, params, velocity, hparams, steps, invalid):
-  params_out, velocity_out = _float_scan(config, params, velocity, hparams, steps)
-  zero = jnp.zeros((), jnp.float32)
-  false = jnp.zeros((), jnp.bool_)
-  stats = Stats(zero, zero, zero, zero, false, false, invalid,
-                _reversible.any_non_finite(params_out, velocity_out))
-  failed = _reversible.check(stats, config.method.checks)
-  params_out, velocity_out = _errors.poison(failed, (params_out, velocity_out))
-  return params_out, velocity_out, stats
-
-
-def _run_method(config, params, velocity, hparams, steps, invalid):
-  if isinstance(config, _reversible.Config):
-    return _reversible.run(config, params, velocity, hparams, steps, invalid)
-  return _run_float(config, params, velocity, hparams, steps, invalid)
-
-
-# Eager calls go through one jitted program per static configuration, so that an identical
-# call reuses it (the configs hash by value, the loss by its jaxpr).
-_run_method_jit = jax.jit(_run_method, static_argnums=0)
-
-
-def _at_top_level():
-  """Whether no JAX transformation is tracing the caller (eager values)."""
-  return jax_core.trace_ctx.is_top_level()
+_training.OPTIMIZERS["sgd"] = _problem
 
 
 def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
-        method="reversible"):
+        weight_decay=0.0, method="reversible"):
   r"""Runs momentum SGD for ``num_steps`` steps, differentiably in every input.
 
   The update, at step ``t = 0 .. num_steps - 1`` (the reference implementation's order)::
 
       g_t     = grad_w loss_fn(w_t, hparams, t)
       v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t
-      w_{t+1} = w_t + alpha_t * v_{t+1}
+      w_{t+1} = w_t - alpha_t * lambda_t * w_t + alpha_t * v_{t+1}
+
+  with ``lambda_t`` the (decoupled) ``weight_decay``, 0 by default.
 
   ``jax.grad`` of any function of ``result.params`` or ``result.velocity`` gives gradients
   with respect to ``params``, ``velocity``, ``hparams``, ``learning_rate`` and ``momentum``.
@@ -377,7 +124,11 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
   Momenta are rounded to multiples of ``2**-16`` (the exact arithmetic needs a rational
   momentum), from the values given (at least float32, whatever the leaves' dtype), by every
   method alike; gradients pass straight through the rounding. A momentum below ``2**-17`` is
-  clipped to ``2**-16`` with a warning.
+  clipped to ``2**-16`` with a warning. A weight decay makes the weights' decay
+  ``1 - alpha_t * lambda_t`` a rational multiply too, on the finer grid ``n / 2**31``: the
+  product ``alpha_t * lambda_t`` is rounded to a multiple of ``2**-31`` (4.7e-10; 1e-5 is
+  then off by at most 0.002%), and reversed exactly by the bit stack, which stores
+  ``log2(1 / (1 - alpha_t * lambda_t))`` more bits per weight per step.
 
   Precision: every method carries the state at least in float32 (``Reversible``: on a 2**-48
   grid; ``Unroll``/``Checkpoint``: in the leaf's dtype widened to float32) and computes the
@@ -406,6 +157,8 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
       leaves are scalars or ``[T]`` arrays (per-layer, per-step schedules). Must be finite.
     momentum: ``gamma``, in the same forms, values in ``[0, 1]``.
     velocity: the initial velocity ``v_0``, a pytree like ``params``; zeros by default.
+    weight_decay: ``lambda``, decoupled weight decay, in the forms of ``learning_rate``, with
+      ``learning_rate * weight_decay`` in ``[0, 1]``. The default 0 adds nothing to the run.
     method: ``"reversible"``, ``"unroll"``, ``"checkpoint"``, or a configured
       ``Reversible(...)``, ``Unroll()`` or ``Checkpoint(...)``.
 
@@ -415,7 +168,8 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
 
   Raises:
     ValueError: bad arguments (non-float params, wrong schedule shape or structure, momentum
-      outside [0, 1], non-finite learning rate, ``num_steps < 1``, traced momentum without
+      or ``learning_rate * weight_decay`` outside [0, 1], non-finite learning rate,
+      ``num_steps < 1``, traced momentum or weight decay without
       ``Reversible(min_momentum=...)``).
     ReversalError: when the values are concrete (an eager call, or an eager ``jax.grad``),
       and the training leaves the fixed-point range (a diverging run), overflows the bit
@@ -433,68 +187,8 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
     ...   return jnp.sum((out.params - 0.5) ** 2)
     >>> hypergradient = jax.grad(meta)(0.1)
   """
-  method = _method(method)
-  problem = _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity)
-  if isinstance(method, Reversible):
-    config = _reversible_config(method, problem)
-  else:
-    config = _FloatConfig(problem.loss_fn, tuple(jnp.result_type(x) for x in problem.params),
-                          method, bool(jax.config.jax_enable_x64))
-  args = (problem.params, problem.velocity, problem.hparams, problem.steps, problem.invalid)
-  if _at_top_level():
-    params_out, velocity_out, stats = _run_method_jit(config, *args)
-    if method.checks:
-      _reversible.check(stats, True, getattr(config, "min_momentum", None))
-  else:
-    params_out, velocity_out, stats = _run_method(config, *args)
-  stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
-  unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
-  return SGDResult(unflatten(params_out), unflatten(velocity_out), stats)
-
-
-# Compiled as one program, so that a call outside jit does not dispatch op by op; cached like
-# _run_method_jit.
-_train_and_reverse_jit = jax.jit(_reversible.train_and_reverse, static_argnums=0)
-
-
-def round_trip(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
-               method="reversible"):
-  """Trains exactly, then runs training backwards without gradients: a check of exactness.
-
-  Takes the arguments of ``sgd``. Use it to verify on your own problem that the reverse pass
-  rebuilds the initial state bit for bit (``result.exact``), e.g. after changing ``loss_fn``.
-  Identical calls reuse one compiled program. A run that fails (see ``sgd``) raises
-  ``ReversalError`` unless the method has ``checks=False``.
-
-  Returns:
-    ``RoundTrip``: final state, the rebuilt initial state, ``exact`` (a bool scalar array:
-    integer weights and velocities equal the initial ones and the bit stack is empty) and the
-    forward ``Stats``.
-
-  Example::
-
-    >>> import jax.numpy as jnp, revhyper
-    >>> rt = revhyper.round_trip(lambda w, h, t: jnp.sum(w ** 4), jnp.ones(5), None,
-    ...                          num_steps=50, learning_rate=0.01, momentum=0.9)
-    >>> bool(rt.exact)
-    True
-  """
-  method = _method(method)
-  if not isinstance(method, Reversible):
-    raise ValueError(f"round_trip needs a reversible method, got {method!r}.")
-  problem = _prepare(loss_fn, params, hparams, num_steps, learning_rate, momentum, velocity)
-  config = _reversible_config(method, problem)
-  params_out, velocity_out, stats, rebuilt = _train_and_reverse_jit(
-      config, problem.params, problem.velocity, problem.hparams, problem.steps, problem.invalid)
-  if method.checks:
-    _reversible.check(stats, True, config.min_momentum)
-  unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
-  return RoundTrip(
-      params=unflatten(params_out),
-      velocity=unflatten(velocity_out),
-      initial_params=unflatten(rebuilt.params),
-      initial_velocity=unflatten(rebuilt.velocity),
-      exact=rebuilt.exact,
-      buffer_empty=rebuilt.buffer_empty,
-      stats=stats,
-  )
+  problem = _problem(loss_fn, params, hparams, num_steps=num_steps,
+                     learning_rate=learning_rate, momentum=momentum, velocity=velocity,
+                     weight_decay=weight_decay)
+  params_out, (velocity_out,), stats = _training.train(method, problem)
+  return SGDResult(params_out, velocity_out, stats)

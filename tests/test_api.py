@@ -4,8 +4,8 @@ import importlib
 
 import revhyper
 
-CORE = {"Checkpoint", "ReversalError", "Reversible", "RoundTrip", "SGDResult", "Stats",
-        "Unroll", "round_trip", "sgd"}
+CORE = {"AdamResult", "Checkpoint", "ReversalError", "Reversible", "RoundTrip", "SGDResult",
+        "Stats", "Unroll", "adam", "round_trip", "sgd"}
 SUBMODULES = {"datasets", "hyper", "meta", "models"}
 
 

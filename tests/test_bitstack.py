@@ -119,3 +119,77 @@ def test_bucket_rounds_up_monotonically():
   assert all(b >= k for k, b in enumerate(values))
   assert values == sorted(values)
   assert len(set(values)) < 30  # few distinct capacities: few compiled programs
+
+
+# --- fine denominators: n / 2**31 -------------------------------------------------------------
+
+FINE = 31
+
+
+def _run_fine(v, numerators, capacity_chunks):
+  numerators = np.asarray(numerators, np.uint64)
+
+  def bases(n):
+    return [n], _bitstack.head_bases(n, FINE).astype(jnp.float64)
+
+  @jax.jit
+  def go(v):
+    stack = _bitstack.empty([v.shape], capacity_chunks)
+
+    def forward(carry, n):
+      return _bitstack.multiply(*carry, *bases(n), (FINE,)), None
+
+    (stack, w), _ = jax.lax.scan(forward, (stack, [v]), numerators)
+
+    def backward(carry, n):
+      return _bitstack.divide(*carry, *bases(n), (FINE,)), None
+
+    (popped, back), _ = jax.lax.scan(backward, (_bitstack.for_popping(stack), w), numerators,
+                                     reverse=True)
+    return stack, w[0], popped, back[0]
+
+  with jax.enable_x64(True):
+    return go(jnp.asarray(v, jnp.int64))
+
+
+@pytest.mark.parametrize("factor", [2**-8, 0.5, 0.9, 0.999, 1 - 1e-7, 1.0])
+def test_fine_denominator_round_trips_and_stays_within_two_to_the_eight(factor):
+  n = max(round(factor * 2**FINE), 2**(FINE - 8))
+  v = _signed_values(int(factor * 1000), 257)
+  steps = 300
+  capacity = v.size * _bitstack.max_chunks_per_lane([n] * steps, FINE)
+  pushed, _, stack, back = _run_fine(v, [n] * steps, max(capacity, 1))
+  with jax.enable_x64(True):
+    chex.assert_trees_all_equal(back, jnp.asarray(v))
+    assert bool(_bitstack.is_empty(stack)) and not bool(pushed.overflow)
+  # One multiply lands within 2**8 + 1 grid units of v * n / 2**31 (the D = 16 multiply: n).
+  # The comparison is exact, in Python integers: |v' * 2**31 - v * n| < (2**8 + 1) * 2**31.
+  _, w, _, _ = _run_fine(v, [n], v.size * 2 + 1)
+  error = max(abs(int(a) * 2**FINE - int(x) * n) for a, x in zip(np.asarray(w), v))
+  assert error < (2**8 + 1) * 2**FINE, error / 2**FINE
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.9, 0.999])
+def test_fine_denominator_stores_the_information_bound(factor):
+  n = round(factor * 2**FINE)
+  steps = 2000 if factor < 0.99 else 20000
+  # Values spread over the grid (not the few tiny ones of _signed_values): a value stuck within
+  # 2**31 units of 0 keeps popping one block's base, up to log2(256 / 255) bits a step.
+  v = np.random.default_rng(13).integers(-2**62, 2**62, size=64, dtype=np.int64)
+  pushed, _, _, _ = _run_fine(v, [n] * steps, max(1, v.size * _bitstack.max_chunks_per_lane(
+      [n] * steps, FINE)))
+  with jax.enable_x64(True):
+    bits = float(_bitstack.stored_bits(pushed))
+  bound = v.size * steps * float(_bitstack.information_bits(n, FINE))
+  assert abs(bits / bound - 1) < 0.01, (bits, bound)
+
+
+def test_fine_denominator_schedule_fills_at_most_its_proven_capacity():
+  rng = np.random.default_rng(5)
+  numerators = rng.integers(2**(FINE - 8), 2**FINE + 1, size=300)
+  v = _signed_values(9, 32)
+  per_lane = _bitstack.max_chunks_per_lane(numerators, FINE)
+  pushed, _, stack, back = _run_fine(v, numerators, v.size * per_lane)
+  with jax.enable_x64(True):
+    assert not bool(pushed.overflow) and int(pushed.ptr) <= v.size * per_lane
+    chex.assert_trees_all_equal(back, jnp.asarray(v))

@@ -1,0 +1,274 @@
+"""Learned AdamW schedules for a tanh MLP on MNIST, against optax's defaults and a tuned rate.
+
+A 784-50-50-50-10 tanh network is trained by T = 100 steps of AdamW (batch 200), and
+meta-optimisation learns, with exact hypergradients from Adam's training run backwards
+(``revhyper.adam``),
+
+* a learning-rate schedule per weight type and step: log lr, [T] for each of the 8 leaves
+  (W and b of 4 layers), starting at lr = 1e-3;
+* a weight-decay schedule laid out the same way: log wd, starting at wd = 1e-4;
+* b1 and b2 (one each, through logits), starting at optax's 0.9 and 0.999;
+
+1602 hyperparameters in all. The meta-objective is the validation loss after training. Each
+meta-iteration draws fresh initial weights and a fresh minibatch order (the iteration's seed),
+so the schedules are learned for the distribution of runs, not for one. The learned settings
+are then evaluated on fresh seeds never used in meta-training, against ``optax.adamw`` with its
+defaults (lr 1e-3, b1 0.9, b2 0.999, wd 1e-4) and against the best constant learning rate of a
+small grid (chosen by mean validation error, reported on the test set): test error, mean and
+standard deviation over the seeds. Every contender trains with ``eps_root = 1e-8`` instead of
+optax's 0: the first layer's weights on pixels that are zero in every training digit keep
+``nu = 0``, where the square root's derivative would make the hypergradient NaN.
+
+Data: the 10,000 bundled MNIST digits, split 5000 train / 2500 valid / 2500 test (``--split``;
+``--mnist_dir`` for the full IDX files). Inputs are scaled to [0, 1] and centred.
+
+Outputs in ``--out_dir``: ``results.json`` (settings, meta-loss history, learned schedules,
+per-seed test errors of every contender and their mean and sd, wall time) and the figures
+``learning_rates.png``, ``weight_decays.png``, ``meta_learning_curve.png`` and
+``test_error.png``.
+
+Run from the repository root::
+
+  python experiments/adam_schedules.py --out_dir results/adam_schedules
+  python experiments/adam_schedules.py --quick --out_dir results/adam_schedules_quick  # < 1 min
+"""
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# `common` sits beside this script; make it importable when run from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (needs the path above)
+import matplotlib.pyplot as plt  # noqa: E402  (common chooses the headless backend first)
+import revhyper  # noqa: E402
+
+# Flags left at None take the full run's value, or the --quick value with --quick.
+flags.DEFINE_string("out_dir", "results/adam_schedules", "Folder for results and figures.")
+flags.DEFINE_bool("quick", False, "A small run that finishes in under a minute on 2 CPU cores.")
+flags.DEFINE_integer("meta_iterations", None, "Meta-iterations (full 40, quick 3).")
+flags.DEFINE_integer("num_steps", None, "Training steps T (full 100, quick 10).")
+flags.DEFINE_integer("batch_size", None, "Minibatch size (full 200, quick 50).")
+flags.DEFINE_list("layer_sizes", None, "MLP widths (full 784,50,50,50,10, quick 784,20,10).")
+flags.DEFINE_list("split", None, "train,valid,test sizes (bundled 5000,2500,2500; --mnist_dir "
+                  "10000,10000,10000; quick 1000,500,500).")
+flags.DEFINE_integer("eval_seeds", None, "Fresh seeds of the final comparison (full 20, "
+                     "quick 3).")
+flags.DEFINE_list("grid", None, "Constant learning rates of the baseline grid (full "
+                  "1e-4,3e-4,1e-3,3e-3,1e-2, quick 1e-3,1e-2).")
+flags.DEFINE_integer("seed", 0, "Seed of the data split; meta-iteration i trains with seed "
+                     "1 + i, the evaluation with seeds 10,000 + k.")
+flags.DEFINE_float("meta_step", 0.05, "Adam step size of the meta-optimiser.")
+flags.DEFINE_float("min_decay", 0.5, "Lower bound on b1, b2 and 1 - lr * wd: sizes the bit "
+                   "stack of the reversible method (they are traced); learned values are "
+                   "clipped to it.")
+flags.DEFINE_enum("method", "reversible", ["reversible", "unroll", "checkpoint"],
+                  "How the hypergradient is computed (all give the same gradients).")
+flags.DEFINE_string("mnist_dir", None, "Folder with the four MNIST IDX files; default: the "
+                    "bundled 10,000 digits.")
+
+FLAGS = flags.FLAGS
+
+FULL = dict(meta_iterations=40, num_steps=100, batch_size=200,
+            layer_sizes=(784, 50, 50, 50, 10), eval_seeds=20)
+QUICK = dict(meta_iterations=3, num_steps=10, batch_size=50, layer_sizes=(784, 20, 10),
+             eval_seeds=3)
+BUNDLED_SPLIT = (5000, 2500, 2500)
+IDX_SPLIT = (10000, 10000, 10000)
+QUICK_SPLIT = (1000, 500, 500)
+OPTAX_DEFAULTS = dict(learning_rate=1e-3, b1=0.9, b2=0.999, weight_decay=1e-4)
+EPS_ROOT = 1e-8  # see the module docstring
+# Learning rates and weight decays are clipped here, so that lr * wd <= 0.1 stays far inside
+# the bound that sizes the weights' bit stack (1 - lr * wd >= min_decay).
+MAX_LEARNING_RATE, MAX_WEIGHT_DECAY = 0.1, 1.0
+
+
+def _setting(name):
+  return common.setting(FLAGS, name, FULL, QUICK)
+
+
+def leaf_names(params):
+  """'W1', 'b1', 'W2', ... in the order of the parameters' leaves (layers counted from 1)."""
+  return [f"{path[1].key}{path[0].idx + 1}"
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def coefficients(h, min_decay):
+  """The AdamW coefficients the hyperparameters stand for, clipped to their bounds."""
+  return dict(
+      learning_rate=jax.tree.map(lambda x: jnp.minimum(jnp.exp(x), MAX_LEARNING_RATE),
+                                 h["log_learning_rate"]),
+      weight_decay=jax.tree.map(lambda x: jnp.minimum(jnp.exp(x), MAX_WEIGHT_DECAY),
+                                h["log_weight_decay"]),
+      b1=jnp.clip(jax.nn.sigmoid(h["logit_b1"]), min_decay, 1.0),
+      b2=jnp.clip(jax.nn.sigmoid(h["logit_b2"]), min_decay, 1.0))
+
+
+def make_problem(data, layer_sizes, num_steps, batch_size, method):
+  """``train(coefs, seed) -> params`` with revhyper.adam and the losses and errors after it."""
+  (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = data
+  num_train = int(x_train.shape[0])
+  # Each layer starts at scale 1 / sqrt(fan in); the seed draws the noise.
+  log_scales = [{"W": jnp.float32(-0.5 * np.log(n)), "b": jnp.float32(-0.5 * np.log(n))}
+                for n in layer_sizes[:-1]]
+
+  def loss(params, x, y):
+    return revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(params, x), y)
+
+  def train(coefs, seed, method=method):
+    noise_key, batch_key = jax.random.split(jax.random.key(seed))
+    noise = revhyper.models.mlp_noise(noise_key, layer_sizes)
+    params = revhyper.models.mlp_init_from_noise(noise, log_scales)
+
+    def batch_loss(w, _, t):
+      idx = revhyper.datasets.batch_indices(batch_key, t, num_train, batch_size)
+      return loss(w, x_train[idx], y_train[idx])
+
+    return revhyper.adam(batch_loss, params, None, num_steps=num_steps, method=method,
+                         eps_root=EPS_ROOT, **coefs).params
+
+  def scores(params):
+    out = {}
+    for name, x, y in (("valid", x_valid, y_valid), ("test", x_test, y_test)):
+      logits = revhyper.models.mlp_apply(params, x)
+      out[f"{name}_loss"] = revhyper.models.softmax_cross_entropy(logits, y)
+      out[f"{name}_error"] = revhyper.models.error_rate(logits, y)
+    return out
+
+  def meta_loss(h, seed, min_decay):
+    return scores(train(coefficients(h, min_decay), seed))["valid_loss"]
+
+  @jax.jit
+  def evaluate(coefs, seeds):
+    # Forward only, in floats: the exact method would give the same training run.
+    return jax.vmap(lambda s: scores(train(coefs, s, "unroll")))(seeds)
+
+  return meta_loss, evaluate
+
+
+def initial_hparams(params_like, num_steps):
+  const = lambda v: jax.tree.map(lambda _: jnp.full((num_steps,), v, jnp.float32), params_like)
+  logit = lambda p: jnp.float32(np.log(p / (1 - p)))
+  return {"log_learning_rate": const(np.log(OPTAX_DEFAULTS["learning_rate"])),
+          "log_weight_decay": const(np.log(OPTAX_DEFAULTS["weight_decay"])),
+          "logit_b1": logit(OPTAX_DEFAULTS["b1"]), "logit_b2": logit(OPTAX_DEFAULTS["b2"])}
+
+
+def summary(errors):
+  errors = np.asarray(errors, np.float64)
+  return {"per_seed": errors.tolist(), "mean": float(errors.mean()),
+          "sd": float(errors.std(ddof=1)) if errors.size > 1 else 0.0}
+
+
+def plot_schedules(names, schedules, ylabel, title):
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  colours = plt.cm.viridis(np.linspace(0, 0.9, len(names) // 2))
+  for i, name in enumerate(names):
+    ax.plot(schedules[name], color=colours[i // 2], linestyle="-" if name[0] == "W" else "--",
+            label=name)
+  ax.set(yscale="log", xlabel="training step", ylabel=ylabel, title=title)
+  ax.legend(fontsize=8, ncol=2)
+  return fig
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  layer_sizes = _setting("layer_sizes")
+  num_steps, batch_size = _setting("num_steps"), _setting("batch_size")
+  split = common.split_sizes(FLAGS.split, FLAGS.quick, FLAGS.mnist_dir, bundled=BUNDLED_SPLIT,
+                             idx=IDX_SPLIT, quick_sizes=QUICK_SPLIT)
+  out_dir = common.prepare_out_dir(FLAGS.out_dir)
+  data, data_note = common.load_mnist_splits(FLAGS.mnist_dir, split, FLAGS.seed,
+                                             ("train", "valid", "test"))
+  method = (revhyper.Reversible(min_momentum=FLAGS.min_decay) if FLAGS.method == "reversible"
+            else FLAGS.method)
+  meta_loss, evaluate = make_problem(data, layer_sizes, num_steps, batch_size, method)
+  names = leaf_names(revhyper.models.mlp_noise(jax.random.key(0), layer_sizes))
+  h = initial_hparams(revhyper.models.mlp_noise(jax.random.key(0), layer_sizes), num_steps)
+  optimizer = optax.adam(FLAGS.meta_step)
+  state = optimizer.init(h)
+
+  @jax.jit
+  def meta_step(h, state, seed):
+    value, grad = jax.value_and_grad(meta_loss)(h, seed, FLAGS.min_decay)
+    updates, state = optimizer.update(grad, state, h)
+    return optax.apply_updates(h, updates), state, value, optax.global_norm(grad)
+
+  history = []
+  for i in range(_setting("meta_iterations")):
+    tick = time.time()
+    h, state, value, norm = meta_step(h, state, jnp.int32(1 + i))
+    history.append({"iteration": i, "valid_loss": float(value), "hypergrad_norm": float(norm),
+                    "seconds": time.time() - tick})
+    print(f"meta-iteration {i}: validation loss {float(value):.4f}, hypergradient norm "
+          f"{float(norm):.3g} ({time.time() - tick:.1f} s)", flush=True)
+
+  seeds = jnp.arange(_setting("eval_seeds"), dtype=jnp.int32) + 10_000
+  learned = coefficients(h, FLAGS.min_decay)
+  contenders = {"learned": learned,
+                "optax_adamw_defaults": {k: jnp.float32(v) for k, v in OPTAX_DEFAULTS.items()}}
+  grid = [float(v) for v in (FLAGS.grid or (["1e-3", "1e-2"] if FLAGS.quick else
+                                            ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]))]
+  grid_scores = {}
+  for lr in grid:
+    coefs = dict(OPTAX_DEFAULTS, learning_rate=lr)
+    grid_scores[lr] = evaluate({k: jnp.float32(v) for k, v in coefs.items()}, seeds)
+  best = min(grid, key=lambda lr: float(jnp.mean(grid_scores[lr]["valid_error"])))
+  results_scores = {name: evaluate(coefs, seeds) for name, coefs in contenders.items()}
+  results_scores[f"best_constant_lr_{best:g}"] = grid_scores[best]
+  comparison = {name: {"test_error": summary(s["test_error"]),
+                       "valid_error": summary(s["valid_error"])}
+                for name, s in results_scores.items()}
+  for name, c in comparison.items():
+    print(f"{name}: test error {100 * c['test_error']['mean']:.2f}% +- "
+          f"{100 * c['test_error']['sd']:.2f}% over {seeds.size} seeds", flush=True)
+
+  schedules = {k: dict(zip(names, (np.asarray(x).tolist() for x in jax.tree.leaves(learned[k]))))
+               for k in ("learning_rate", "weight_decay")}
+  results = {
+      "settings": dict(layer_sizes=layer_sizes, num_steps=num_steps, batch_size=batch_size,
+                       split=split, meta_iterations=_setting("meta_iterations"),
+                       meta_step=FLAGS.meta_step, min_decay=FLAGS.min_decay,
+                       method=FLAGS.method, eval_seeds=int(seeds.size), grid=grid,
+                       quick=FLAGS.quick, data=data_note),
+      "history": history,
+      "learned": {"b1": float(learned["b1"]), "b2": float(learned["b2"]), **schedules},
+      "grid_valid_error": {f"{lr:g}": float(jnp.mean(s["valid_error"]))
+                           for lr, s in grid_scores.items()},
+      "comparison": comparison,
+      "wall_time_s": time.time() - start,
+  }
+  common.save_results(out_dir, results)
+
+  common.save_figure(plot_schedules(names, schedules["learning_rate"], "learning rate",
+                                    "Learned AdamW learning rates per layer"), out_dir,
+                     "learning_rates.png")
+  common.save_figure(plot_schedules(names, schedules["weight_decay"], "weight decay",
+                                    "Learned AdamW weight decays per layer"), out_dir,
+                     "weight_decays.png")
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  ax.plot([r["valid_loss"] for r in history], marker="o")
+  ax.set(xlabel="meta-iteration (a fresh seed each)", ylabel="validation loss after training",
+         title="Meta-learning curve")
+  common.save_figure(fig, out_dir, "meta_learning_curve.png")
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  labels = list(comparison)
+  means = [100 * comparison[k]["test_error"]["mean"] for k in labels]
+  sds = [100 * comparison[k]["test_error"]["sd"] for k in labels]
+  ax.bar(range(len(labels)), means, yerr=sds, capsize=6, color=["tab:blue", "0.6", "tab:orange"])
+  ax.set_xticks(range(len(labels)), labels, fontsize=8)
+  ax.set(ylabel="test error (%)", title=f"Test error, mean +- sd over {seeds.size} fresh seeds")
+  common.save_figure(fig, out_dir, "test_error.png")
+  print(f"wrote {out_dir}/results.json and figures in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,465 @@
+"""What every optimizer shares: the methods, the loss and argument checks, the float scan, the
+cached eager program, and ``round_trip``.
+
+One call, three memory strategies that give the same gradients:
+
+* ``Reversible()``: exact reversal (Maclaurin et al. 2015); memory O(weights + bits stored).
+* ``Unroll()``: plain backprop through the float ``lax.scan``; memory O(steps x activations).
+* ``Checkpoint(segment_length)``: the float scan, rematerialised in segments of
+  ``segment_length`` steps (``sqrt(T)`` by default; 1 recomputes every step).
+
+An optimizer (``_sgd``, ``_adam``) is a ``_reversible.Rule`` plus a function that validates
+its arguments into a ``Problem``; ``train`` runs the problem with any method.
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax._src import core as jax_core
+
+from revhyper import _bitstack
+from revhyper import _errors
+from revhyper import _fixed_point
+from revhyper import _reversible
+from revhyper import _schedules
+
+Stats = _reversible.Stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Reversible:
+  """Exact reversal: train on an integer grid, run training backwards in the backward pass.
+
+  Attributes:
+    min_momentum: a lower bound on every momentum, needed only when the momentum is traced
+      (e.g. a meta-objective under ``jax.jit``), since the bit stack's size must be static:
+      it holds about ``num_steps * log2(1 / min_momentum)`` bits per weight. With a concrete
+      momentum the capacity comes from its values. It bounds every other traced decay alike:
+      ``1 - learning_rate * weight_decay`` for ``sgd`` and ``adam``, and ``b1``, ``b2``.
+    share_gradient: take the recomputed gradient from the same forward-over-reverse pass that
+      gives the Hessian-vector products, instead of computing it separately (about 1.6 instead
+      of 2.6 gradient evaluations per backward step). ``None`` (default) chooses by backend:
+      on the CPU sharing is bit-exact; on a GPU the shared pass was measured not to be (XLA
+      compiles its primal part differently in the two loops), so it is off there.
+    checks: act on fixed-point or bit-stack overflow and invalid hyperparameters: raise
+      ``ReversalError`` where the values are concrete (eager calls), and make the outputs (and
+      hypergradients) NaN inside ``jit``. Either way the flags are in ``result.stats``.
+    check_reversal: in the backward pass, compare the rebuilt initial state with the original
+      bit for bit (keeps a copy of the initial state); on a mismatch, raise ``ReversalError``
+      in an eager ``jax.grad`` and make every hypergradient NaN under ``jit``. This checks the
+      gradient path itself; use it once on a new problem or backend.
+  """
+
+  min_momentum: Optional[float] = None
+  share_gradient: Optional[bool] = None
+  checks: bool = True
+  check_reversal: bool = False
+
+  def __post_init__(self):
+    if self.min_momentum is not None and not 0 <= self.min_momentum <= 1:
+      raise ValueError(f"min_momentum must lie in [0, 1], got {self.min_momentum}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unroll:
+  """Store-all backprop through the float training scan: the reference method.
+
+  Attributes:
+    checks: act on invalid hyperparameters and non-finite results as ``Reversible`` does.
+  """
+
+  checks: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """Backprop through the float scan, recomputing each segment of steps in the backward pass.
+
+  Attributes:
+    segment_length: steps per checkpointed segment; ``None`` gives ``ceil(sqrt(num_steps))``
+      (memory O(sqrt(T))), 1 recomputes every step from its stored input (memory O(T)).
+  """
+
+  segment_length: Optional[int] = None
+  checks: bool = True
+
+  def __post_init__(self):
+    if self.segment_length is not None and (
+        not isinstance(self.segment_length, int) or self.segment_length < 1):
+      raise ValueError(f"segment_length must be a positive int, got {self.segment_length!r}.")
+
+
+_METHODS = {"reversible": Reversible, "unroll": Unroll, "checkpoint": Checkpoint}
+
+
+class RoundTrip(NamedTuple):
+  """What ``round_trip`` returns."""
+
+  params: Any  # final weights w_T
+  velocity: Any  # final optimizer state: sgd's velocity v_T; adam's (mu_T, nu_T)
+  initial_params: Any  # w_0 rebuilt by running training backwards
+  initial_velocity: Any  # the initial optimizer state rebuilt likewise
+  exact: jax.Array  # bool []: rebuilt integer state equals the initial one, stacks empty
+  buffer_empty: jax.Array  # bool []: the bit stack is empty after the reversal
+  stats: Stats  # the training run's diagnostics
+
+
+def _method(method):
+  if isinstance(method, str):
+    if method not in _METHODS:
+      raise ValueError(f"method must be one of {sorted(_METHODS)} or a method object, "
+                       f"got {method!r}.")
+    return _METHODS[method]()
+  if not isinstance(method, (Reversible, Unroll, Checkpoint)):
+    raise ValueError(f"method must be one of {sorted(_METHODS)}, revhyper.Reversible(...), "
+                     f"revhyper.Unroll() or revhyper.Checkpoint(...); got {method!r}.")
+  return method
+
+
+def _check_float_tree(tree, name):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    where = f"{name}{jax.tree_util.keystr(path)}"
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)):
+      raise ValueError(
+          f"{where} must be a float array, got {type(leaf).__name__} ({leaf!r:.60}). Pass only "
+          "the arrays to train: split a model object into arrays and static parts first (e.g. "
+          "equinox: params, static = eqx.partition(model, eqx.is_inexact_array), then "
+          "eqx.combine(params, static) inside loss_fn; flax nnx: nnx.split(model)).")
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{where} must be a float array, got dtype {dtype}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ClosedLoss:
+  """``loss_fn`` as a jaxpr whose closed-over arrays are explicit inputs.
+
+  Equal (and hashing alike) when the jaxprs print alike, so that a repeated call with the same
+  loss reuses the compiled program, while a loss that closes over other arrays of the same
+  shapes still does, reading the new values: they are arguments, never baked-in constants.
+  """
+
+  jaxpr: Any  # jax.core.Jaxpr: inputs are the consts, then the flattened (w, hparams, t).
+  in_tree: Any
+  key: str  # the jaxpr's text
+
+  def __call__(self, w_leaves, hparams, t):
+    (h, consts) = hparams
+    args = jax.tree_util.tree_leaves((w_leaves, h, t))
+    return jax.core.eval_jaxpr(self.jaxpr, list(consts), *args)[0]
+
+  def __eq__(self, other):
+    return (isinstance(other, _ClosedLoss) and self.key == other.key
+            and self.in_tree == other.in_tree)
+
+  def __hash__(self):
+    return hash((self.key, self.in_tree))
+
+
+def _close_loss(loss_on_leaves, leaves, hparams):
+  """Traces the loss once: its output is checked and its closed-over arrays are hoisted."""
+  t0 = jnp.zeros((), jnp.int32)
+  try:
+    closed = jax.make_jaxpr(loss_on_leaves)(leaves, hparams, t0)
+  except TypeError as e:
+    raise ValueError(f"loss_fn(params, hparams, t) could not be traced: {e}") from e
+  out = closed.out_avals
+  if not (len(out) == 1 and out[0].shape == () and jnp.issubdtype(out[0].dtype, jnp.floating)):
+    raise ValueError(f"loss_fn(params, hparams, t) must return a float scalar, got {out}.")
+  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0))
+  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr))
+  return loss, tuple(closed.consts)
+
+
+class Problem(NamedTuple):
+  """Validated, flattened inputs of one training run, for any method."""
+
+  rule: Any  # the optimizer's _reversible.Rule
+  loss_fn: Any  # _ClosedLoss: loss_fn(param_leaves, (hparams, consts), t)
+  treedef: Any
+  params: list
+  slots: tuple  # per Slot of the rule, a list of leaves like params
+  hparams: Any  # (the user's hparams, the loss's closed-over arrays)
+  steps: _reversible.Steps
+  invalid: jax.Array  # bool []: a traced hyperparameter is invalid
+  present: Any  # slots (tuple of pytrees like params) -> the optimizer's public state
+
+
+def check_num_steps(loss_fn, num_steps):
+  """Validates ``loss_fn`` and ``num_steps``; returns ``num_steps`` as an int."""
+  if not callable(loss_fn):
+    raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+    raise ValueError(f"num_steps must be a Python int (it is static), got {num_steps!r}.")
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+  return int(num_steps)
+
+
+def _strong(x):
+  # Strongly typed, so that a weakly typed input (a Python float, or an array computed from
+  # one) neither changes the loss's dtype promotion nor the compiled program's key.
+  return jnp.asarray(x, dtype=jnp.result_type(x))
+
+
+def flatten_params(params):
+  """The parameter leaves (strongly typed) and their treedef; raises for bad params."""
+  _check_float_tree(params, "params")
+  params = jax.tree_util.tree_map(_strong, params)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if not leaves:
+    raise ValueError("params must contain at least one array.")
+  if not any(x.size for x in leaves):
+    raise ValueError(f"params must hold at least one element; every leaf has size 0 "
+                     f"({[x.shape for x in leaves]}).")
+  return leaves, treedef
+
+
+def flatten_like(tree, leaves, treedef, name):
+  """An optimizer state ``tree`` (zeros if None) as leaves matching the parameter leaves."""
+  if tree is None:
+    return [jnp.zeros_like(x) for x in leaves]
+  _check_float_tree(tree, name)
+  tree = jax.tree_util.tree_map(_strong, tree)
+  state_leaves, state_treedef = jax.tree_util.tree_flatten(tree)
+  if state_treedef != treedef:
+    raise ValueError(f"{name} must have the structure of params ({treedef}), got "
+                     f"{state_treedef}.")
+  for p, v in zip(leaves, state_leaves):
+    if jnp.shape(p) != jnp.shape(v) or jnp.result_type(p) != jnp.result_type(v):
+      raise ValueError(f"{name} leaves must match params in shape and dtype: got "
+                       f"{jnp.shape(v)} {jnp.result_type(v)} for {jnp.shape(p)} "
+                       f"{jnp.result_type(p)}.")
+  return state_leaves
+
+
+def close_loss(loss_fn, leaves, treedef, hparams):
+  """The loss on parameter leaves, traced once; returns ``(_ClosedLoss, (hparams, consts))``."""
+  hparams = jax.tree_util.tree_map(jnp.asarray, hparams)
+
+  def loss_on_leaves(w_leaves, h, t):
+    return loss_fn(jax.tree_util.tree_unflatten(treedef, w_leaves), h, t)
+
+  closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams)
+  return closed_loss, (hparams, consts)
+
+
+def compute_dtypes(leaves):
+  """Each leaf's compute dtype: the step computes in it (at least float32)."""
+  return [_fixed_point.compute_dtype(jnp.result_type(x)) for x in leaves]
+
+
+def _capacity_chunks(method, problem, layout):
+  """Static sizes of the bit stacks' tails, from concrete numerators or ``min_momentum``."""
+  rule, steps = problem.rule, problem.steps
+  stages = [list(zip(layout.sizes * len(rule.slots),
+                     [n for leaves in steps.numerators for n in leaves],
+                     [slot.denominator_bits for slot in rule.slots for _ in layout.sizes]))]
+  if rule.weight_decay_bits is not None:
+    stages.append([(size, n, rule.weight_decay_bits)
+                   for size, n in zip(layout.sizes, steps.weight_numerators)])
+  capacities = []
+  for stage in stages:
+    chunks = 0
+    for size, numerators, bits in stage:
+      known = _schedules.concrete_value(numerators)
+      if known is None:
+        if method.min_momentum is None:
+          raise ValueError(
+              "momentum (or another decay: b1, b2, learning_rate * weight_decay) is traced "
+              "(e.g. a hyperparameter under jax.jit), so the size of the bit stack cannot be "
+              "computed from its values. Pass a static lower bound: "
+              "method=revhyper.Reversible(min_momentum=...).")
+        floor = 2**(bits - _bitstack.head_bits(bits))
+        n_min = max(floor, round(method.min_momentum * 2**bits))
+        known = np.full(steps.t.shape, n_min)
+      chunks += size * _bitstack.bucket(_bitstack.max_chunks_per_lane(known, bits))
+    # A zero-size tail would make even the skipped gather ill-formed.
+    capacities.append(max(chunks, 1))
+  return tuple(capacities)
+
+
+def _reversible_config(method, problem):
+  layout = _reversible.Layout.of(problem.params)
+  numerators = jax.tree_util.tree_leaves((problem.steps.numerators,
+                                          problem.steps.weight_numerators))
+  traced = any(_schedules.concrete_value(n) is None for n in numerators)
+  return _reversible.Config(
+      loss_fn=problem.loss_fn,
+      rule=problem.rule,
+      layout=layout,
+      num_steps=int(problem.steps.t.shape[0]),
+      capacity_chunks=_capacity_chunks(method, problem, layout),
+      share_gradient=(jax.default_backend() == "cpu" if method.share_gradient is None
+                      else method.share_gradient),
+      checks=method.checks,
+      check_reversal=method.check_reversal,
+      min_momentum=method.min_momentum if traced else None,
+      user_x64=bool(jax.config.jax_enable_x64),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _FloatConfig:
+  """Everything static about one float-method run (hashable: a jit static argument)."""
+
+  loss_fn: Any
+  rule: Any
+  dtypes: tuple  # the parameter leaves' dtypes
+  method: Any  # Unroll or Checkpoint
+  user_x64: bool
+
+
+def _float_scan(config, params, slots, hparams, steps):
+  """The rule's update in floats, differentiated by JAX (store-all or checkpointed).
+
+  The state is carried in each leaf's compute dtype (at least float32), as the reversible
+  method carries it on its fine grids; the loss sees the weights in the leaves' own dtypes.
+  """
+  def loss_grad(w, t):
+    with jax.enable_x64(config.user_x64):
+      w_leaves = [x.astype(d) for x, d in zip(w, config.dtypes)]
+      g = jax.grad(config.loss_fn)(w_leaves, hparams, t)
+    return [x.astype(y.dtype) for x, y in zip(g, w)]
+
+  def step(carry, s):
+    w, slots = carry
+    return config.rule.update(s.coefs, w, slots, loss_grad(w, s.t)), None
+
+  compute = [_fixed_point.compute_dtype(d) for d in config.dtypes]
+  cast = lambda leaves, dtypes: [x.astype(d) for x, d in zip(leaves, dtypes)]
+  carry = (cast(params, compute), tuple(cast(x, compute) for x in slots))
+  num_steps = steps.t.shape[0]
+  method = config.method
+  if isinstance(method, Unroll):
+    w, slots = jax.lax.scan(step, carry, steps)[0]
+  else:
+    k = method.segment_length or math.ceil(math.sqrt(num_steps))
+    if k == 1:
+      w, slots = jax.lax.scan(jax.checkpoint(step), carry, steps)[0]
+    else:
+      @jax.checkpoint
+      def segment(carry, segment_steps):
+        return jax.lax.scan(step, carry, segment_steps)[0], None
+
+      whole = num_steps // k * k
+      head = jax.tree_util.tree_map(lambda x: x[:whole].reshape((-1, k) + x.shape[1:]), steps)
+      carry = jax.lax.scan(segment, carry, head)[0]
+      if whole < num_steps:
+        carry = segment(carry, jax.tree_util.tree_map(lambda x: x[whole:], steps))[0]
+      w, slots = carry
+  return cast(w, config.dtypes), tuple(cast(x, config.dtypes) for x in slots)
+
+
+def _run_float(config, params, slots, hparams, steps, invalid):
+  params_out, slots_out = _float_scan(config, params, slots, hparams, steps)
+  zero = jnp.zeros((), jnp.float32)
+  false = jnp.zeros((), jnp.bool_)
+  stats = Stats(zero, zero, zero, zero, false, false, invalid,
+                _reversible.any_non_finite(params_out, slots_out))
+  failed = _reversible.check(stats, config.method.checks)
+  params_out, slots_out = _errors.poison(failed, (params_out, slots_out))
+  return params_out, slots_out, stats
+
+
+def _run_method(config, params, slots, hparams, steps, invalid):
+  if isinstance(config, _reversible.Config):
+    return _reversible.run(config, params, slots, hparams, steps, invalid)
+  return _run_float(config, params, slots, hparams, steps, invalid)
+
+
+# Eager calls go through one jitted program per static configuration, so that an identical
+# call reuses it (the configs hash by value, the loss by its jaxpr).
+_run_method_jit = jax.jit(_run_method, static_argnums=0)
+
+
+def _at_top_level():
+  """Whether no JAX transformation is tracing the caller (eager values)."""
+  return jax_core.trace_ctx.is_top_level()
+
+
+def train(method, problem):
+  """Runs ``problem`` with ``method``; returns ``(params, slots, stats)`` as pytrees."""
+  method = _method(method)
+  if isinstance(method, Reversible):
+    config = _reversible_config(method, problem)
+  else:
+    config = _FloatConfig(problem.loss_fn, problem.rule,
+                          tuple(jnp.result_type(x) for x in problem.params), method,
+                          bool(jax.config.jax_enable_x64))
+  args = (problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)
+  if _at_top_level():
+    params_out, slots_out, stats = _run_method_jit(config, *args)
+    if method.checks:
+      _reversible.check(stats, True, getattr(config, "min_momentum", None))
+  else:
+    params_out, slots_out, stats = _run_method(config, *args)
+  stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
+  unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
+  return unflatten(params_out), tuple(unflatten(x) for x in slots_out), stats
+
+
+# How round_trip builds each optimizer's Problem from its keyword arguments: filled in by the
+# optimizer modules (name -> build(loss_fn, params, hparams, **kwargs) -> Problem).
+OPTIMIZERS = {}
+
+
+# Compiled as one program, so that a call outside jit does not dispatch op by op; cached like
+# _run_method_jit.
+_train_and_reverse_jit = jax.jit(_reversible.train_and_reverse, static_argnums=0)
+
+
+def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible", **kwargs):
+  """Trains exactly, then runs training backwards without gradients: a check of exactness.
+
+  Takes the arguments of ``sgd`` (or, with ``optimizer="adam"``, those of ``adam``). Use it to
+  verify on your own problem that the reverse pass rebuilds the initial state bit for bit
+  (``result.exact``), e.g. after changing ``loss_fn``. Identical calls reuse one compiled
+  program. A run that fails (see ``sgd``) raises ``ReversalError`` unless the method has
+  ``checks=False``.
+
+  Returns:
+    ``RoundTrip``: final state, the rebuilt initial state (``velocity`` and
+    ``initial_velocity`` hold the optimizer's state: sgd's velocity, adam's ``(mu, nu)``),
+    ``exact`` (a bool scalar array: integer weights and optimizer states equal the initial
+    ones and the bit stacks are empty) and the forward ``Stats``.
+
+  Raises:
+    ValueError: an unknown ``optimizer``, a method that is not reversible, or the optimizer's
+      own argument errors.
+
+  Example::
+
+    >>> import jax.numpy as jnp, revhyper
+    >>> rt = revhyper.round_trip(lambda w, h, t: jnp.sum(w ** 4), jnp.ones(5), None,
+    ...                          num_steps=50, learning_rate=0.01, momentum=0.9)
+    >>> bool(rt.exact)
+    True
+  """
+  method = _method(method)
+  if not isinstance(method, Reversible):
+    raise ValueError(f"round_trip needs a reversible method, got {method!r}.")
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+  problem = OPTIMIZERS[optimizer](loss_fn, params, hparams, **kwargs)
+  config = _reversible_config(method, problem)
+  params_out, slots_out, stats, rebuilt = _train_and_reverse_jit(
+      config, problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)
+  if method.checks:
+    _reversible.check(stats, True, config.min_momentum)
+  unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
+  present = lambda slots: problem.present(tuple(unflatten(x) for x in slots))
+  return RoundTrip(
+      params=unflatten(params_out),
+      velocity=present(slots_out),
+      initial_params=unflatten(rebuilt.params),
+      initial_velocity=present(rebuilt.slots),
+      exact=rebuilt.exact,
+      buffer_empty=rebuilt.buffer_empty,
+      stats=stats,
+  )

@@ -1,0 +1,36 @@
+"""Smoke test of the AdamW schedules launcher, end to end on settings smaller than --quick."""
+
+import pytest
+
+from launchers import assert_finite, assert_png, finish, read_results, start_launcher
+
+TINY = ["--quick", "--layer_sizes=784,10,10", "--num_steps=5", "--batch_size=50",
+        "--split=300,100,100", "--meta_iterations=2", "--eval_seeds=2", "--grid=1e-3,1e-2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out_dir = tmp_path_factory.mktemp("adam_schedules")
+  finish(start_launcher("adam_schedules.py", out_dir, TINY), timeout=600)
+  return out_dir, read_results(out_dir)
+
+
+def test_results_hold_the_history_the_learned_schedules_and_the_comparison(run):
+  _, results = run
+  assert_finite(results)
+  assert [r["iteration"] for r in results["history"]] == [0, 1]
+  learned = results["learned"]
+  assert sorted(learned["learning_rate"]) == ["W1", "W2", "b1", "b2"]
+  assert all(len(v) == 5 for v in learned["learning_rate"].values())
+  assert 0.5 <= learned["b1"] <= 1 and 0.5 <= learned["b2"] <= 1
+  comparison = results["comparison"]
+  assert {"learned", "optax_adamw_defaults"} <= set(comparison)
+  assert any(name.startswith("best_constant_lr_") for name in comparison)
+  for c in comparison.values():
+    assert len(c["test_error"]["per_seed"]) == 2 and 0 <= c["test_error"]["mean"] <= 1
+
+
+def test_figures_are_written(run):
+  out_dir, _ = run
+  for name in ("learning_rates", "weight_decays", "meta_learning_curve", "test_error"):
+    assert_png(out_dir / f"{name}.png")
