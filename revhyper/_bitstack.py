@@ -15,6 +15,12 @@ Layout (static shapes, so the whole buffer lives inside ``lax.scan``):
   of chunks in use. Lanes that spill write at ``ptr + cumsum(mask) - 1`` in lane order, a masked
   scatter; the reverse gathers the mirror image.
 
+Sharded (``shards``, a ``_sharding.Shards``): each head group is laid out like its parameter leaf
+and every device owns a tail, pointer, overflow flag and bound of its own (``tail`` is
+``[devices, capacity_chunks]``, the others ``[devices]``, each sharded on its leading axis). Every
+operation runs under ``shard_map`` as the unsharded code on the device's own lanes, so the
+cumulative sum, the scatter and the gather stay on the device: no collective touches the stack.
+
 Because ``n <= d``, ``multiply`` only ever grows a head, so the forward pass only spills and the
 reverse only refills: one renormalisation per step, and no condition on the arbitrary base
 ``n``. A lane spills (its low 32 bits go to the tail) when ``head >= 2**32 * n``, which keeps the
@@ -28,6 +34,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from revhyper import _sharding
 
 DENOMINATOR_BITS = 16
 DENOMINATOR = 2**DENOMINATOR_BITS  # d: momenta are n / 2**16 with 1 <= n <= 2**16.
@@ -44,6 +53,7 @@ class BitStack(NamedTuple):
   per-step arithmetic needs no concatenation; only the rare renormalisation joins them.
   """
 
+  # Sharded, every field but ``head`` has a leading [devices] axis: one tail per device.
   head: list  # uint64 arrays, one per group of lanes, in [2**16, 2**48) between operations.
   tail: jax.Array  # uint32 [capacity_chunks], chunks [0, ptr) in use.
   ptr: jax.Array  # int64 [], number of chunks in use.
@@ -53,15 +63,61 @@ class BitStack(NamedTuple):
   bound: jax.Array
 
 
-def empty(lane_shapes, capacity_chunks):
-  """An empty bit stack with one group of lanes per shape: every head at ``B``, no tail."""
+def empty(lane_shapes, capacity_chunks, shards=None):
+  """An empty bit stack with one group of lanes per shape: every head at ``B``, no tail.
+
+  With ``shards``, ``lane_shapes`` are the whole leaves' and ``capacity_chunks`` is per device.
+  """
+  head = [jnp.full(shape, 2**HEAD_LOW_BITS, jnp.uint64) for shape in lane_shapes]
+  if shards is None:
+    return BitStack(
+        head=head,
+        tail=jnp.zeros((capacity_chunks,), jnp.uint32),
+        ptr=jnp.zeros((), jnp.int64),
+        overflow=jnp.zeros((), jnp.bool_),
+        bound=jnp.asarray(2.0**HEAD_LOW_BITS, jnp.float64),
+    )
+  devices = shards.num_devices
+  per_device = lambda x: jax.lax.with_sharding_constraint(x, shards.named(shards.device_spec))
   return BitStack(
-      head=[jnp.full(shape, 2**HEAD_LOW_BITS, jnp.uint64) for shape in lane_shapes],
-      tail=jnp.zeros((capacity_chunks,), jnp.uint32),
-      ptr=jnp.zeros((), jnp.int64),
-      overflow=jnp.zeros((), jnp.bool_),
-      bound=jnp.asarray(2.0**HEAD_LOW_BITS, jnp.float64),
+      head=_sharding.constrain(head, shards),
+      tail=per_device(jnp.zeros((devices, capacity_chunks), jnp.uint32)),
+      ptr=per_device(jnp.zeros((devices,), jnp.int64)),
+      overflow=per_device(jnp.zeros((devices,), jnp.bool_)),
+      bound=per_device(jnp.full((devices,), 2.0**HEAD_LOW_BITS, jnp.float64)),
   )
+
+
+def _stack_specs(shards):
+  device = shards.device_spec
+  return BitStack(list(shards.specs), device, device, device, device)
+
+
+def _local_view(stack):
+  """A device's own row of the per-device fields, as an unsharded stack (inside shard_map)."""
+  return stack._replace(tail=stack.tail[0], ptr=stack.ptr[0], overflow=stack.overflow[0],
+                        bound=stack.bound[0])
+
+
+def _on_devices(fn, shards, stack, args=(), arg_specs=(), out_specs=()):
+  """``fn(local_stack, *args) -> (local_stack, *outs)`` run by every device on its own stack."""
+  specs = _stack_specs(shards)
+
+  def local(stack, *args):
+    stack, *outs = fn(_local_view(stack), *args)
+    stack = stack._replace(tail=stack.tail[None], ptr=stack.ptr[None],
+                           overflow=stack.overflow[None], bound=stack.bound[None])
+    return (stack, *outs)
+
+  return _sharding.per_device(local, shards, (specs, *arg_specs), (specs, *out_specs))(
+      stack, *args)
+
+
+def _per_device_value(fn, shards, stack):
+  """``fn(local_stack)``, a scalar per device, as a ``[devices]`` array."""
+  run = _sharding.per_device(lambda st: fn(_local_view(st))[None], shards,
+                             (_stack_specs(shards),), shards.device_spec)
+  return run(stack)
 
 
 def _min_head(heads):
@@ -69,8 +125,10 @@ def _min_head(heads):
       jnp.minimum, [jnp.min(h, initial=2**HEAD_HIGH_BITS) for h in heads])
 
 
-def for_popping(stack):
+def for_popping(stack, shards=None):
   """Turns ``bound`` into a lower bound on the heads, for a run of ``divide``s."""
+  if shards is not None:  # each device bounds its own heads
+    return _on_devices(lambda st: (for_popping(st),), shards, stack)[0]
   return stack._replace(bound=_min_head(stack.head).astype(jnp.float64))
 
 
@@ -131,7 +189,17 @@ def floor_divmod(x, n):
   return q - low.astype(jnp.int64), jnp.where(low, r + n, r)
 
 
-def multiply(stack, values, numerators, min_numerator):
+def _value_specs(shards, numerators):
+  """Values go like their leaves; a numerator is a scalar (replicated) or shaped like its leaf."""
+  specs = []
+  for n, spec in zip(numerators, shards.specs):
+    if jnp.ndim(n) not in (0, len(spec)) and len(spec):
+      raise ValueError("sharded numerators must be scalars or shaped like their leaf.")
+    specs.append(PartitionSpec() if jnp.ndim(n) == 0 else spec)
+  return list(shards.specs), specs
+
+
+def multiply(stack, values, numerators, min_numerator, shards=None):
   """Exact, invertible ``v -> v * n / d``: push ``v mod d`` (base d), pop base ``n``.
 
   Args:
@@ -141,10 +209,17 @@ def multiply(stack, values, numerators, min_numerator):
     numerators: one uint64 ``n`` in ``[1, d]`` per group, a scalar or an array that
       broadcasts against it.
     min_numerator: float64 [], the smallest numerator.
+    shards: ``None`` (one stack) or a ``_sharding.Shards``: then each device multiplies its own
+      lanes with its own tail.
 
   Returns:
     ``(stack, values')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
   """
+  if shards is not None:
+    value_specs, numerator_specs = _value_specs(shards, numerators)
+    return _on_devices(lambda st, v, n, m: multiply(st, v, n, m), shards, stack,
+                       (values, numerators, min_numerator),
+                       (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
   # Before: head in [B, H). Spill where head >= 2**32 * n, so that afterwards head < 2**32 * n,
   # and head >= n everywhere (a spilled head was >= 2**32 * n; others are >= B >= n). While
   # the bound shows that no head is near a threshold, the masks, the scan and the scatter are
@@ -167,11 +242,16 @@ def multiply(stack, values, numerators, min_numerator):
   return stack._replace(head=heads, bound=bound), out
 
 
-def divide(stack, values, numerators, min_numerator):
+def divide(stack, values, numerators, min_numerator, shards=None):
   """Exact inverse of ``multiply``: pop the remainder back, push the popped base-``n`` symbol.
 
   ``stack.bound`` must be a lower bound on the heads (``for_popping``).
   """
+  if shards is not None:
+    value_specs, numerator_specs = _value_specs(shards, numerators)
+    return _on_devices(lambda st, v, n, m: divide(st, v, n, m), shards, stack,
+                       (values, numerators, min_numerator),
+                       (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
   heads, out = [], []
   for head, v, n in zip(stack.head, values, numerators):
     quotient, popped = floor_divmod(v, n.astype(jnp.int64))  # popped in [0, n)
@@ -189,8 +269,13 @@ def divide(stack, values, numerators, min_numerator):
   return stack, out
 
 
-def stored_bits(stack):
-  """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane."""
+def stored_bits(stack, shards=None):
+  """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane.
+
+  Sharded: summed over the devices, so the copies of replicated lanes count once each.
+  """
+  if shards is not None:
+    return jnp.sum(_per_device_value(stored_bits, shards, stack))
   # An empty lane holds exactly 0 bits; a fused log2 need not return exactly 16 for B.
   head_bits = sum(jnp.sum(jnp.where(h == 2**HEAD_LOW_BITS, 0.0,
                                     jnp.log2(h.astype(jnp.float64)) - HEAD_LOW_BITS))
@@ -198,8 +283,10 @@ def stored_bits(stack):
   return stack.ptr.astype(jnp.float64) * CHUNK_BITS + head_bits
 
 
-def is_empty(stack):
-  """True when every head is back at ``B`` and the tail holds nothing."""
+def is_empty(stack, shards=None):
+  """True when every head is back at ``B`` and the tail holds nothing (on every device)."""
+  if shards is not None:
+    return jnp.all(_per_device_value(is_empty, shards, stack))
   empty_heads = [jnp.all(h == 2**HEAD_LOW_BITS) for h in stack.head]
   return functools.reduce(jnp.logical_and, empty_heads, stack.ptr == 0)
 

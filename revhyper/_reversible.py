@@ -40,6 +40,7 @@ import numpy as np
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
+from revhyper import _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,9 @@ class Config:
   # The caller's x64 setting: the loss runs under it, not under the scoped x64 that the
   # integer arithmetic needs, so that unannotated arrays in loss_fn keep the caller's dtypes.
   user_x64: bool
+  # _sharding.Shards: the mesh and per-leaf specs the state is laid out by (one bit stack per
+  # device, capacity_chunks per device), or None for one device.
+  shards: Any = None
 
 
 class State(NamedTuple):
@@ -216,7 +220,7 @@ def _forward_step(config, hparams, form, state, step):
   t, alpha, gamma, numerator = step
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, t, form)
-  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(numerator))
+  stack, v = _bitstack.multiply(state.stack, state.v, *_numerators(numerator), config.shards)
   v, v_ok = _subtract(v, _velocity_increment(gamma, g))
   v_leaves = _compute_leaves(config, v)
   w, w_ok = _add(state.w, _weight_increment(alpha, v_leaves))
@@ -240,7 +244,7 @@ def _undo_position(config, state, alpha):
 def _undo_velocity(config, state, w, g, gamma, numerator):
   """Undoes ``v_{t+1} = gamma_t * v_t - (1 - gamma_t) * g_t`` given the recomputed ``g_t``."""
   v, _ = _add(state.v, _velocity_increment(gamma, g))
-  stack, v = _bitstack.divide(state.stack, v, *_numerators(numerator))
+  stack, v = _bitstack.divide(state.stack, v, *_numerators(numerator), config.shards)
   return State(w, v, stack, state.in_range)
 
 
@@ -266,9 +270,9 @@ def _initial_state(config, params, velocity):
   w_parts = [_fixed_point.to_fixed(x) for x in params]
   v_parts = [_fixed_point.to_fixed(x) for x in velocity]
   return State(
-      w=[x for x, _ in w_parts],
-      v=[x for x, _ in v_parts],
-      stack=_bitstack.empty(config.layout.shapes, config.capacity_chunks),
+      w=_sharding.constrain([x for x, _ in w_parts], config.shards),
+      v=_sharding.constrain([x for x, _ in v_parts], config.shards),
+      stack=_bitstack.empty(config.layout.shapes, config.capacity_chunks, config.shards),
       in_range=[a & b for (_, a), (_, b) in zip(w_parts, v_parts)],
   )
 
@@ -328,21 +332,22 @@ NON_FINITE = (
 def _stats(config, state, numerator, invalid, params_out, velocity_out):
   layout = config.layout
   bound = jnp.zeros((), jnp.float64)
-  for size, n in zip(layout.sizes, numerator):
+  sizes = _sharding.held_sizes(layout.shapes, config.shards)  # replicated lanes: every copy
+  for size, n in zip(sizes, numerator):
     # Momentum 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
     bits = jnp.where(n == _bitstack.DENOMINATOR, 0.0,
                      _bitstack.DENOMINATOR_BITS - jnp.log2(n.astype(jnp.float64)))
     bound += size * jnp.sum(bits)
-  stored = _bitstack.stored_bits(state.stack)
-  lanes_steps = max(layout.num_lanes * config.num_steps, 1)
-  capacity = _bitstack.CHUNK_BITS * (config.capacity_chunks + layout.num_lanes)
+  stored = _bitstack.stored_bits(state.stack, config.shards)
+  lanes_steps = max(sum(sizes) * config.num_steps, 1)
+  capacity = _bitstack.CHUNK_BITS * (state.stack.tail.size + sum(sizes))
   return Stats(
       bits_stored=stored.astype(jnp.float32),
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
       fixed_point_overflow=jnp.logical_not(_all_equal(state.in_range, [True] * len(state.w))),
-      buffer_overflow=state.stack.overflow,
+      buffer_overflow=jnp.any(state.stack.overflow),
       invalid_hyperparameters=invalid,
       non_finite=any_non_finite(params_out, velocity_out),
   )
@@ -502,7 +507,7 @@ def _run_bwd(config, residuals, cotangents):
   dparams = [x.astype(d) for x, d in zip(dparams, compute_dtypes)]
   dvelocity = [x.astype(d) for x, d in zip(dvelocity, compute_dtypes)]
   with jax.enable_x64(True):
-    state = state._replace(stack=_bitstack.for_popping(state.stack))
+    state = state._replace(stack=_bitstack.for_popping(state.stack, config.shards))
     carry = (state, dparams, dvelocity, dh)
     (state, dw, dv, dh), (dalpha, dgamma) = jax.lax.scan(body, carry, tuple(steps),
                                                           reverse=True)
@@ -537,7 +542,7 @@ def _check_reconstruction(config, state, initial):
   with jax.enable_x64(True):
     reference = _initial_state(config, *initial)
     exact = (_all_equal(state.w, reference.w) & _all_equal(state.v, reference.v)
-             & _bitstack.is_empty(state.stack))
+             & _bitstack.is_empty(state.stack, config.shards))
   mismatch = jnp.logical_not(exact)
   if _errors.raise_if(mismatch, REVERSAL_CHECK_FAILED):
     return jnp.zeros((), jnp.bool_)
@@ -582,9 +587,9 @@ def train_and_reverse(config, params, velocity, hparams, steps, invalid):
 
   with jax.enable_x64(True):
     initial = _initial_state(config, params, velocity)
-    state = state._replace(stack=_bitstack.for_popping(state.stack))
+    state = state._replace(stack=_bitstack.for_popping(state.stack, config.shards))
     rebuilt, _ = jax.lax.scan(body, state, tuple(steps), reverse=True)
-    empty = _bitstack.is_empty(rebuilt.stack)
+    empty = _bitstack.is_empty(rebuilt.stack, config.shards)
     exact = _all_equal(rebuilt.w, initial.w) & _all_equal(rebuilt.v, initial.v) & empty
     reconstruction = Reconstruction(
         params=_float_leaves(config, rebuilt.w),
