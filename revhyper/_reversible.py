@@ -504,8 +504,11 @@ def _run_bwd(config, residuals, cotangents):
 
   dh = [jnp.zeros_like(x) for x in h_floats]
   # The cotangents are carried in the compute dtypes, like the state they belong to.
-  dparams = [x.astype(d) for x, d in zip(dparams, compute_dtypes)]
-  dvelocity = [x.astype(d) for x, d in zip(dvelocity, compute_dtypes)]
+  # Laid out like the weights: a cotangent that is a symbolic zero would otherwise be replicated.
+  dparams = _sharding.constrain([x.astype(d) for x, d in zip(dparams, compute_dtypes)],
+                                config.shards)
+  dvelocity = _sharding.constrain([x.astype(d) for x, d in zip(dvelocity, compute_dtypes)],
+                                  config.shards)
   with jax.enable_x64(True):
     state = state._replace(stack=_bitstack.for_popping(state.stack, config.shards))
     carry = (state, dparams, dvelocity, dh)
