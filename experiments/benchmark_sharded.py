@@ -45,6 +45,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -93,9 +94,12 @@ flags.DEFINE_integer("num_val", 512, "Validation examples.")
 flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate of every layer and step.")
 flags.DEFINE_float("momentum", 0.9, "Momentum gamma.")
 flags.DEFINE_integer("repeats", None, "Timed calls per method after the warm-up; default 1.")
+flags.DEFINE_boolean("warmup", True, "Call each method once before timing it (off: the first "
+                     "call is timed, which at full size halves the run's length).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the synthetic data.")
 
-ALL_METHODS = ("reversible", "reversible_one", "checkpoint", "unroll")
+# Unroll first: it is only planned, so an interrupted long run still has its plan.
+ALL_METHODS = ("unroll", "reversible", "reversible_one", "checkpoint")
 PRESETS = {
     "default": dict(sizes="1024,2048,2048,2048,10", steps=1000, devices=None,
                     methods=ALL_METHODS, compiler_options=None),
@@ -131,7 +135,7 @@ def config_from_flags():
               compile_only=list(FLAGS.compile_only), run=FLAGS.run,
               batch_size=FLAGS.batch_size, num_val=FLAGS.num_val,
               learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
-              repeats=FLAGS.repeats or 1, seed=FLAGS.seed,
+              repeats=FLAGS.repeats or 1, warmup=FLAGS.warmup, seed=FLAGS.seed,
               compiler_options=preset["compiler_options"])
 
 
@@ -233,11 +237,34 @@ def compile_method(problem, name):
                 argument_bytes=int(analysis.argument_size_in_bytes),
                 output_bytes=int(analysis.output_size_in_bytes))
   memory["planned_bytes"] = sum(memory.values())
+  memory["loop_carry_bytes"] = loop_carry_bytes(compiled.as_text())
   return compiled, params, dict(trace_s=trace_s, compile_s=compile_s, memory=memory)
 
 
-def timed_runs(compiled, problem, params, repeats):
-  jax.block_until_ready(compiled(problem.hparams, params))  # warm-up
+HLO_ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16)\[([0-9,]*)\]")
+HLO_BITS = {"pred": 8, "bf16": 16}
+
+
+def loop_carry_bytes(hlo_text):
+  """Bytes of the largest ``while`` loop's carry, per device: for the exact method, the state
+  (weights, velocities, bit stack) and the cotangents that the reverse loop carries; the
+  loss's temporaries inside the loop are not part of it."""
+  largest = 0
+  for line in hlo_text.splitlines():
+    if " while(" not in line or "=" not in line:
+      continue
+    result_type = line.split("=", 1)[1].split(" while(", 1)[0]
+    total = 0
+    for dtype, dims in HLO_ARRAY.findall(result_type):
+      bits = HLO_BITS.get(dtype) or int(dtype[1:])
+      total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    largest = max(largest, total)
+  return largest
+
+
+def timed_runs(compiled, problem, params, repeats, warmup):
+  if warmup:
+    jax.block_until_ready(compiled(problem.hparams, params))
   times, out = [], None
   for _ in range(repeats):
     start = time.perf_counter()
@@ -262,12 +289,14 @@ def table(results):
   lines = [f"{results['num_weights']:,} weights, T = {results['config']['steps']}, "
            f"{devices} device(s) ({results['machine']['device_kind']}); memory per device "
            "(XLA plan: temporaries + arguments + outputs)"]
-  lines.append(f"{'method':<16}{'time':>10}{'planned':>14}{'temps':>14}{'error':>10}")
+  lines.append(f"{'method':<16}{'time':>10}{'planned':>14}{'temps':>14}{'loop state':>14}"
+               f"{'error':>10}")
   for name, r in records.items():
     time_s = f"{r['time_s']:.1f} s" if "time_s" in r else "-"
     error = f"{r['error']:.1e}" if "error" in r else "-"
     lines.append(f"{name:<16}{time_s:>10}{format_bytes(r['memory']['planned_bytes']):>14}"
-                 f"{format_bytes(r['memory']['temp_bytes']):>14}{error:>10}")
+                 f"{format_bytes(r['memory']['temp_bytes']):>14}"
+                 f"{format_bytes(r['memory']['loop_carry_bytes']):>14}{error:>10}")
   for key, value in results["ratios"].items():
     lines.append(f"{key}: {value:.3g}")
   return "\n".join(lines)
@@ -280,6 +309,9 @@ def ratios(results):
   if "reversible" in records and "reversible_one" in records:
     out["reversible per-device plan / (one-device plan / devices)"] = (
         plan("reversible") / (plan("reversible_one") / devices))
+    carry = lambda name: records[name]["memory"]["loop_carry_bytes"]
+    out["reversible per-device state / (one-device state / devices)"] = (
+        carry("reversible") / (carry("reversible_one") / devices))
     if "time_s" in records["reversible"] and "time_s" in records["reversible_one"]:
       out["reversible time, sharded / one device"] = (
           records["reversible"]["time_s"] / records["reversible_one"]["time_s"])
@@ -319,7 +351,7 @@ def main(argv):
     print(f"  {name}: compiled in {record['compile_s']:.1f} s, plan "
           f"{format_bytes(record['memory']['planned_bytes'])} per device", flush=True)
     if cfg["run"] and name not in cfg["compile_only"]:
-      out, times = timed_runs(compiled, problem, params, cfg["repeats"])
+      out, times = timed_runs(compiled, problem, params, cfg["repeats"], cfg["warmup"])
       record.update(times_s=times, time_s=float(np.median(times)))
       if name == "reversible_one":
         reference = out
