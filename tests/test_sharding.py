@@ -9,6 +9,7 @@ giving the unsharded run's bits) run here.
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -152,3 +153,18 @@ def test_bad_param_specs_raise_a_clear_error(specs, pattern):
   with pytest.raises(ValueError, match=pattern):
     revhyper.sgd(loss, params, 0.3, num_steps=3, learning_rate=0.1, momentum=0.9,
                  method=revhyper.Reversible(mesh=mesh, param_specs=specs))
+
+
+def test_readme_scaling_example_runs_on_eight_devices():
+  readme = pathlib.Path(ROOT, "README.md").read_text()
+  section = readme[readme.index("## Scaling"):]
+  code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
+  code += "\nassert len(jax.devices()) == 8\nprint('RESULT', float(hypergrad(1e-3, sharded)), "
+  code += "float(hypergrad(1e-3, revhyper.Reversible())))\n"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_backend_optimization_level=0", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  sharded, one = map(float, proc.stdout.split("RESULT")[1].split())
+  assert sharded == pytest.approx(one, rel=1e-6)
