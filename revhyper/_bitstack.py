@@ -189,14 +189,15 @@ def floor_divmod(x, n):
   return q - low.astype(jnp.int64), jnp.where(low, r + n, r)
 
 
-def _value_specs(shards, numerators):
+def _value_specs(shards, values, numerators):
   """Values go like their leaves; a numerator is a scalar (replicated) or shaped like its leaf."""
-  specs = []
-  for n, spec in zip(numerators, shards.specs):
-    if jnp.ndim(n) not in (0, len(spec)) and len(spec):
-      raise ValueError("sharded numerators must be scalars or shaped like their leaf.")
-    specs.append(PartitionSpec() if jnp.ndim(n) == 0 else spec)
-  return list(shards.specs), specs
+  numerator_specs = []
+  for v, n, spec in zip(values, numerators, shards.specs):
+    if jnp.ndim(n) and jnp.shape(n) != jnp.shape(v):
+      raise ValueError(f"sharded numerators must be scalars or shaped like their values "
+                       f"{jnp.shape(v)}, got {jnp.shape(n)}.")
+    numerator_specs.append(spec if jnp.ndim(n) else PartitionSpec())
+  return list(shards.specs), numerator_specs
 
 
 def multiply(stack, values, numerators, min_numerator, shards=None):
@@ -216,7 +217,7 @@ def multiply(stack, values, numerators, min_numerator, shards=None):
     ``(stack, values')`` with ``|v' - v * n / d| < n``; ``divide`` undoes it exactly.
   """
   if shards is not None:
-    value_specs, numerator_specs = _value_specs(shards, numerators)
+    value_specs, numerator_specs = _value_specs(shards, values, numerators)
     return _on_devices(lambda st, v, n, m: multiply(st, v, n, m), shards, stack,
                        (values, numerators, min_numerator),
                        (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
@@ -248,7 +249,7 @@ def divide(stack, values, numerators, min_numerator, shards=None):
   ``stack.bound`` must be a lower bound on the heads (``for_popping``).
   """
   if shards is not None:
-    value_specs, numerator_specs = _value_specs(shards, numerators)
+    value_specs, numerator_specs = _value_specs(shards, values, numerators)
     return _on_devices(lambda st, v, n, m: divide(st, v, n, m), shards, stack,
                        (values, numerators, min_numerator),
                        (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
