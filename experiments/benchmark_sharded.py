@@ -10,7 +10,8 @@ The weights are split Megatron-style over a one-axis mesh "model" of --devices d
 first of each pair of matrices by columns, the second by rows, so that every hidden unit's
 weights live on one device; the biases of row-split layers are replicated.
 
-Side by side in one process, each method is traced, compiled and (if --run) run:
+Side by side in one process, each method is traced and compiled, then (if --run) the methods
+are run round-robin:
 
   reversible      jit(grad(meta)) with Reversible(mesh=..., param_specs=...): one bit stack
                   per device
@@ -262,17 +263,6 @@ def loop_carry_bytes(hlo_text):
   return largest
 
 
-def timed_runs(compiled, problem, params, repeats, warmup):
-  if warmup:
-    jax.block_until_ready(compiled(problem.hparams, params))
-  times, out = [], None
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(problem.hparams, params))
-    times.append(time.perf_counter() - start)
-  return out, times
-
-
 def relative_error(got, want):
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64))
                                       for x in jax.tree.leaves(tree)])
@@ -344,22 +334,34 @@ def main(argv):
       methods={}, complete=False)
   print(f"{problem.num_weights:,} weights, T = {cfg['steps']}, mesh of {cfg['devices']} "
         f"{jax.devices()[0].device_kind} device(s)", flush=True)
-  reference = None
   start_all = time.perf_counter()
+  runnable = {}
   for name in cfg["methods"]:
     compiled, params, record = compile_method(problem, name)
     print(f"  {name}: compiled in {record['compile_s']:.1f} s, plan "
           f"{format_bytes(record['memory']['planned_bytes'])} per device", flush=True)
-    if cfg["run"] and name not in cfg["compile_only"]:
-      out, times = timed_runs(compiled, problem, params, cfg["repeats"], cfg["warmup"])
-      record.update(times_s=times, time_s=float(np.median(times)))
-      if name == "reversible_one":
-        reference = out
-      record["hypergradient"] = out
-      print(f"  {name}: {record['time_s']:.1f} s", flush=True)
     results["methods"][name] = record
-    del compiled, params
+    if cfg["run"] and name not in cfg["compile_only"]:
+      runnable[name] = (compiled, params)
     common.save_results(out_dir, _without_arrays(results))
+  # Repeats go round-robin over the methods, so that the load of other processes on a shared
+  # machine falls on all of them alike: the ratios are the robust numbers.
+  outputs = {}
+  for repeat in range(cfg["repeats"] + cfg["warmup"]):
+    for name, (compiled, params) in runnable.items():
+      start = time.perf_counter()
+      outputs[name] = jax.block_until_ready(compiled(problem.hparams, params))
+      elapsed = time.perf_counter() - start
+      if cfg["warmup"] and repeat == 0:
+        continue
+      record = results["methods"][name]
+      record.setdefault("times_s", []).append(elapsed)
+      record["time_s"] = float(np.median(record["times_s"]))
+      print(f"  {name}: {elapsed:.1f} s", flush=True)
+      common.save_results(out_dir, _without_arrays(results))
+  for name, out in outputs.items():
+    results["methods"][name]["hypergradient"] = out
+  reference = outputs.get("reversible_one")
   if reference is not None:
     for record in results["methods"].values():
       if "hypergradient" in record:
