@@ -46,10 +46,6 @@ class Shards:
   def named(self, spec):
     return NamedSharding(self.mesh, spec)
 
-  def shards_per_leaf(self):
-    """How many pieces each leaf is cut into (the product of the sizes of its mesh axes)."""
-    return tuple(math.prod(self.mesh.shape[a] for a in _axes(spec)) for spec in self.specs)
-
   def local_shapes(self, shapes):
     """The block of each leaf that one device holds."""
     out = []
