@@ -20,6 +20,12 @@ reverse only refills: one renormalisation per step, and no condition on the arbi
 ``n``. A lane spills (its low 32 bits go to the tail) when ``head >= 2**32 * n``, which keeps the
 new head below ``H``; a spilled head is below ``2**16 = B``, every other head is at least ``B``,
 so in reverse a lane refills exactly when its head falls below ``B`` after the undo.
+
+Sharded (``shards``, a ``_sharding.Shards``): each head group is laid out like its parameter leaf
+and every device owns a tail, pointer, overflow flag and bound of its own (``tail`` is
+``[devices, capacity_chunks]``, the others ``[devices]``, each sharded on its leading axis). Every
+operation runs under ``shard_map`` as the unsharded code on the device's own lanes, so the
+cumulative sum, the scatter and the gather stay on the device: no collective touches the stack.
 """
 
 import functools
@@ -28,6 +34,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from revhyper import _sharding
 
 DENOMINATOR_BITS = 16
 DENOMINATOR = 2**DENOMINATOR_BITS  # d: momenta are n / 2**16 with 1 <= n <= 2**16.
@@ -52,6 +61,7 @@ class BitStack(NamedTuple):
   per-step arithmetic needs no concatenation; only the rare renormalisation joins them.
   """
 
+  # Sharded, every field but ``head`` has a leading [devices] axis: one tail per device.
   head: list  # uint64 arrays, one per group of lanes, in [2**16, 2**48) between operations.
   tail: jax.Array  # uint32 [capacity_chunks], chunks [0, ptr) in use.
   ptr: jax.Array  # int64 [], number of chunks in use.
@@ -61,19 +71,74 @@ class BitStack(NamedTuple):
   bound: jax.Array
 
 
-def empty(lane_shapes, capacity_chunks, k=HEAD_LOW_BITS):
+def empty(lane_shapes, capacity_chunks, k=HEAD_LOW_BITS, shards=None):
   """An empty bit stack with one group of lanes per shape: every head at ``B = 2**k``, no tail.
 
   ``k`` is ``head_bits`` of the denominators the stack will multiply by, the same for all its
-  groups.
+  groups. With ``shards``, ``lane_shapes`` are the whole leaves' and ``capacity_chunks`` is per
+  device.
   """
+  head = [jnp.full(shape, 2**k, jnp.uint64) for shape in lane_shapes]
+  if shards is None:
+    return BitStack(
+        head=head,
+        tail=jnp.zeros((capacity_chunks,), jnp.uint32),
+        ptr=jnp.zeros((), jnp.int64),
+        overflow=jnp.zeros((), jnp.bool_),
+        bound=jnp.asarray(2.0**k, jnp.float64),
+    )
+  devices = shards.num_devices
+  per_device = lambda x: jax.lax.with_sharding_constraint(x, shards.named(shards.device_spec))
   return BitStack(
-      head=[jnp.full(shape, 2**k, jnp.uint64) for shape in lane_shapes],
-      tail=jnp.zeros((capacity_chunks,), jnp.uint32),
-      ptr=jnp.zeros((), jnp.int64),
-      overflow=jnp.zeros((), jnp.bool_),
-      bound=jnp.asarray(2.0**k, jnp.float64),
+      head=_sharding.constrain(head, shards),
+      tail=per_device(jnp.zeros((devices, capacity_chunks), jnp.uint32)),
+      ptr=per_device(jnp.zeros((devices,), jnp.int64)),
+      overflow=per_device(jnp.zeros((devices,), jnp.bool_)),
+      bound=per_device(jnp.full((devices,), 2.0**k, jnp.float64)),
   )
+
+
+def _stack_specs(shards):
+  device = shards.device_spec
+  return BitStack(list(shards.specs), device, device, device, device)
+
+
+def _local_view(stack):
+  """A device's own row of the per-device fields, as an unsharded stack (inside shard_map)."""
+  return stack._replace(tail=stack.tail[0], ptr=stack.ptr[0], overflow=stack.overflow[0],
+                        bound=stack.bound[0])
+
+
+def _on_devices(fn, shards, stack, args=(), arg_specs=(), out_specs=()):
+  """``fn(local_stack, *args) -> (local_stack, *outs)`` run by every device on its own stack."""
+  specs = _stack_specs(shards)
+
+  def local(stack, *args):
+    stack, *outs = fn(_local_view(stack), *args)
+    stack = stack._replace(tail=stack.tail[None], ptr=stack.ptr[None],
+                           overflow=stack.overflow[None], bound=stack.bound[None])
+    return (stack, *outs)
+
+  return _sharding.per_device(local, shards, (specs, *arg_specs), (specs, *out_specs))(
+      stack, *args)
+
+
+def _per_device_value(fn, shards, stack):
+  """``fn(local_stack)``, a scalar per device, as a ``[devices]`` array."""
+  run = _sharding.per_device(lambda st: fn(_local_view(st))[None], shards,
+                             (_stack_specs(shards),), shards.device_spec)
+  return run(stack)
+
+
+def _value_specs(shards, values, numerators):
+  """Values go like their leaves; a numerator is a scalar (replicated) or shaped like its leaf."""
+  numerator_specs = []
+  for v, n, spec in zip(values, numerators, shards.specs):
+    if jnp.ndim(n) and jnp.shape(n) != jnp.shape(v):
+      raise ValueError(f"sharded numerators must be scalars or shaped like their values "
+                       f"{jnp.shape(v)}, got {jnp.shape(n)}.")
+    numerator_specs.append(spec if jnp.ndim(n) else PartitionSpec())
+  return list(shards.specs), numerator_specs
 
 
 def _min_head(heads):
@@ -81,8 +146,10 @@ def _min_head(heads):
       jnp.minimum, [jnp.min(h, initial=2**HEAD_HIGH_BITS) for h in heads])
 
 
-def for_popping(stack):
+def for_popping(stack, shards=None):
   """Turns ``bound`` into a lower bound on the heads, for a run of ``divide``s."""
+  if shards is not None:  # each device bounds its own heads
+    return _on_devices(lambda st: (for_popping(st),), shards, stack)[0]
   return stack._replace(bound=_min_head(stack.head).astype(jnp.float64))
 
 
@@ -172,7 +239,7 @@ def _uniform_head_bits(denominator_bits):
   return ks.pop()
 
 
-def multiply(stack, values, numerators, min_base, denominator_bits=None):
+def multiply(stack, values, numerators, min_base, denominator_bits=None, shards=None):
   """Exact, invertible ``v -> v * n / d``, ``d = 2**D``: the remainder goes onto the stack.
 
   With ``D = 16`` (momentum): push ``r = v mod d`` (base d), pop ``x`` in base ``n``, return
@@ -200,10 +267,17 @@ def multiply(stack, values, numerators, min_base, denominator_bits=None):
       that broadcasts against it.
     min_base: float64 [], the smallest ``head_bases`` of the numerators.
     denominator_bits: static ``D`` per group (16 when ``None``), all with one ``head_bits``.
+    shards: ``None`` (one stack) or a ``_sharding.Shards``: then each device multiplies its own
+      lanes with its own tail.
 
   Returns:
     ``(stack, values')`` with ``|v' - v * n / d| < min(n, 2**k + 1)``; ``divide`` undoes it.
   """
+  if shards is not None:
+    value_specs, numerator_specs = _value_specs(shards, values, numerators)
+    return _on_devices(lambda st, v, n, m: multiply(st, v, n, m, denominator_bits), shards,
+                       stack, (values, numerators, min_base),
+                       (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
   if denominator_bits is None:
     denominator_bits = (DENOMINATOR_BITS,) * len(values)
   k = _uniform_head_bits(denominator_bits)
@@ -240,11 +314,16 @@ def multiply(stack, values, numerators, min_base, denominator_bits=None):
   return stack._replace(head=heads, bound=bound), out
 
 
-def divide(stack, values, numerators, min_base, denominator_bits=None):
+def divide(stack, values, numerators, min_base, denominator_bits=None, shards=None):
   """Exact inverse of ``multiply``: pop the remainder back, push the popped symbol.
 
   ``stack.bound`` must be a lower bound on the heads (``for_popping``).
   """
+  if shards is not None:
+    value_specs, numerator_specs = _value_specs(shards, values, numerators)
+    return _on_devices(lambda st, v, n, m: divide(st, v, n, m, denominator_bits), shards,
+                       stack, (values, numerators, min_base),
+                       (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
   if denominator_bits is None:
     denominator_bits = (DENOMINATOR_BITS,) * len(values)
   k = _uniform_head_bits(denominator_bits)
@@ -277,16 +356,23 @@ def divide(stack, values, numerators, min_base, denominator_bits=None):
   return stack, out
 
 
-def stored_bits(stack, k=HEAD_LOW_BITS):
-  """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane."""
+def stored_bits(stack, k=HEAD_LOW_BITS, shards=None):
+  """Information held by the stack, in bits: 32 per tail chunk plus log2(head / B) per lane.
+
+  Sharded: summed over the devices, so the copies of replicated lanes count once each.
+  """
+  if shards is not None:
+    return jnp.sum(_per_device_value(lambda st: stored_bits(st, k), shards, stack))
   # An empty lane holds exactly 0 bits; a fused log2 need not return exactly k for B.
   in_heads = sum(jnp.sum(jnp.where(h == 2**k, 0.0, jnp.log2(h.astype(jnp.float64)) - k))
                  for h in stack.head)
   return stack.ptr.astype(jnp.float64) * CHUNK_BITS + in_heads
 
 
-def is_empty(stack, k=HEAD_LOW_BITS):
-  """True when every head is back at ``B = 2**k`` and the tail holds nothing."""
+def is_empty(stack, k=HEAD_LOW_BITS, shards=None):
+  """True when every head is back at ``B = 2**k`` and the tail holds nothing (every device)."""
+  if shards is not None:
+    return jnp.all(_per_device_value(lambda st: is_empty(st, k), shards, stack))
   empty_heads = [jnp.all(h == 2**k) for h in stack.head]
   return functools.reduce(jnp.logical_and, empty_heads, stack.ptr == 0)
 

@@ -52,6 +52,7 @@ import numpy as np
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
+from revhyper import _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,9 @@ class Config:
   # The caller's x64 setting: the loss runs under it, not under the scoped x64 that the
   # integer arithmetic needs, so that unannotated arrays in loss_fn keep the caller's dtypes.
   user_x64: bool
+  # _sharding.Shards: the mesh and per-leaf specs the state is laid out by (one bit stack per
+  # device, capacity_chunks per device), or None for one device.
+  shards: Any = None
 
 
 class State(NamedTuple):
@@ -291,11 +295,19 @@ def _bases(numerators, bits):
   return numerators, jnp.min(jnp.stack(bases)).astype(jnp.float64)
 
 
-def _decay(stack, values, numerators, bits, inverse=False):
+def _stack_shards(config):
+  """The layout of each bit stack's groups: the slots' stack holds one group per slot and leaf."""
+  if config.shards is None:
+    return (None, None)
+  slots = dataclasses.replace(config.shards, specs=config.shards.specs * len(config.rule.slots))
+  return (slots, config.shards)
+
+
+def _decay(stack, values, numerators, bits, shards, inverse=False):
   """The rational multiplies of one stage, all groups at once (one renormalisation)."""
   op = _bitstack.divide if inverse else _bitstack.multiply
   numerators, min_base = _bases(numerators, bits)
-  return op(stack, values, numerators, min_base, bits)
+  return op(stack, values, numerators, min_base, bits, shards=shards)
 
 
 def _slot_increments(config, coefs, g):
@@ -323,7 +335,7 @@ def _forward_step(config, hparams, form, state, step):
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, step.t, form)
   slot_stack, slots = _decay(state.stacks[0], _flat(state.slots),
-                             _flat(step.numerators), _slot_bits(config))
+                             _flat(step.numerators), _slot_bits(config), _stack_shards(config)[0])
   slots, checks = list(_unflat(slots, len(rule.slots))), []
   for i, (slot, inc) in enumerate(zip(rule.slots, _slot_increments(config, step.coefs, g))):
     slots[i], ok = _add(slots[i], inc, slot.fractional_bits)
@@ -332,7 +344,7 @@ def _forward_step(config, hparams, form, state, step):
   w, stacks = state.w, (slot_stack,)
   if rule.weight_decay_bits is not None:
     weight_stack, w = _decay(state.stacks[1], w, step.weight_numerators,
-                             (rule.weight_decay_bits,) * len(w))
+                             (rule.weight_decay_bits,) * len(w), _stack_shards(config)[1])
     stacks += (weight_stack,)
   w, w_ok = _add(w, _weight_increment(config, step.coefs, slot_floats))
   # The states entering the additions are in range and so are the increments: no sum wrapped.
@@ -353,7 +365,8 @@ def _undo_weights(config, state, step):
   stacks = state.stacks
   if rule.weight_decay_bits is not None:
     weight_stack, w = _decay(stacks[1], w, step.weight_numerators,
-                             (rule.weight_decay_bits,) * len(w), inverse=True)
+                             (rule.weight_decay_bits,) * len(w), _stack_shards(config)[1],
+                             inverse=True)
     stacks = (stacks[0], weight_stack)
   return state._replace(w=w, stacks=stacks), slots_next
 
@@ -364,7 +377,7 @@ def _undo_slots(config, state, g, step):
   slots = [_add(x, inc, slot.fractional_bits, sign=-1)[0] for x, inc, slot
            in zip(state.slots, _slot_increments(config, step.coefs, g), rule.slots)]
   slot_stack, slots = _decay(state.stacks[0], _flat(slots), _flat(step.numerators),
-                             _slot_bits(config), inverse=True)
+                             _slot_bits(config), _stack_shards(config)[0], inverse=True)
   return state._replace(slots=_unflat(slots, len(rule.slots)),
                         stacks=(slot_stack,) + state.stacks[1:])
 
@@ -384,13 +397,15 @@ def _initial_state(config, params, slots):
   for parts in slot_parts:
     in_range = _and(in_range, [ok for _, ok in parts])
   shapes = config.layout.shapes
-  ks = _head_bits(config)
-  stacks = (_bitstack.empty(shapes * len(config.rule.slots), config.capacity_chunks[0], ks[0]),)
+  ks, shards = _head_bits(config), _stack_shards(config)
+  stacks = (_bitstack.empty(shapes * len(config.rule.slots), config.capacity_chunks[0], ks[0],
+                            shards[0]),)
   if config.rule.weight_decay_bits is not None:
-    stacks += (_bitstack.empty(shapes, config.capacity_chunks[1], ks[1]),)
+    stacks += (_bitstack.empty(shapes, config.capacity_chunks[1], ks[1], shards[1]),)
   return State(
-      w=[x for x, _ in w_parts],
-      slots=tuple([x for x, _ in parts] for parts in slot_parts),
+      w=_sharding.constrain([x for x, _ in w_parts], config.shards),
+      slots=tuple(_sharding.constrain([x for x, _ in parts], config.shards)
+                  for parts in slot_parts),
       stacks=stacks,
       in_range=in_range,
   )
@@ -463,24 +478,26 @@ def _decays(config, steps):
 
 
 def _stats(config, state, steps, invalid, params_out, slots_out):
-  layout = config.layout
+  # Sharded, a replicated leaf's lanes are held (and count) once per device that holds them.
+  sizes = _sharding.held_sizes(config.layout.shapes, config.shards)
   bound = jnp.zeros((), jnp.float64)
-  for size, (n, bits) in zip(layout.sizes * (len(config.rule.slots) + 1), _decays(config, steps)):
+  for size, (n, bits) in zip(sizes * (len(config.rule.slots) + 1), _decays(config, steps)):
     # A factor of 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
     n = n.astype(jnp.float64)
     bound += size * jnp.sum(jnp.where(n == 2.0**bits, 0.0, bits - jnp.log2(n)))
-  stored = sum(_bitstack.stored_bits(stack, k)
-               for stack, k in zip(state.stacks, _head_bits(config)))
-  lanes_steps = max(layout.num_lanes * config.num_steps, 1)
-  lanes = layout.num_lanes * (len(config.rule.slots) + (config.rule.weight_decay_bits is not None))
-  capacity = _bitstack.CHUNK_BITS * (sum(config.capacity_chunks) + lanes)
+  stored = sum(_bitstack.stored_bits(stack, k, shards) for stack, k, shards
+               in zip(state.stacks, _head_bits(config), _stack_shards(config)))
+  lanes_steps = max(sum(sizes) * config.num_steps, 1)
+  lanes = sum(sizes) * (len(config.rule.slots) + (config.rule.weight_decay_bits is not None))
+  capacity = _bitstack.CHUNK_BITS * (sum(st.tail.size for st in state.stacks) + lanes)
   return Stats(
       bits_stored=stored.astype(jnp.float32),
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
       fixed_point_overflow=jnp.logical_not(_all_equal(state.in_range, [True] * len(state.w))),
-      buffer_overflow=functools.reduce(jnp.logical_or, [st.overflow for st in state.stacks]),
+      buffer_overflow=functools.reduce(jnp.logical_or,
+                                       [jnp.any(st.overflow) for st in state.stacks]),
       invalid_hyperparameters=invalid,
       non_finite=any_non_finite(params_out, slots_out),
   )
@@ -655,11 +672,14 @@ def _run_bwd(config, residuals, cotangents):
 
   dparams, dslots, _ = cotangents
   dh = [jnp.zeros_like(x) for x in h_floats]
-  # The cotangents are carried in the compute dtypes, like the state they belong to.
-  carry = (state, _cast(dparams, compute_dtypes),
-           tuple(_cast(x, compute_dtypes) for x in dslots), dh)
+  # The cotangents are carried in the compute dtypes, like the state they belong to, and laid
+  # out like the weights: a cotangent that is a symbolic zero would otherwise be replicated.
+  carry = (state, _sharding.constrain(_cast(dparams, compute_dtypes), config.shards),
+           tuple(_sharding.constrain(_cast(x, compute_dtypes), config.shards) for x in dslots),
+           dh)
   with jax.enable_x64(True):
-    state = state._replace(stacks=tuple(_bitstack.for_popping(st) for st in state.stacks))
+    state = state._replace(stacks=tuple(
+        _bitstack.for_popping(st, sh) for st, sh in zip(state.stacks, _stack_shards(config))))
     (state, dw, dslots, dh), dcoefs = jax.lax.scan(
         body, (state,) + carry[1:], steps, reverse=True)
   if config.check_reversal:
@@ -708,8 +728,9 @@ def _exact(config, state, reference):
 
 
 def _all_empty(config, state):
-  return functools.reduce(jnp.logical_and, [_bitstack.is_empty(st, k) for st, k
-                                            in zip(state.stacks, _head_bits(config))])
+  return functools.reduce(jnp.logical_and, [
+      _bitstack.is_empty(st, k, sh)
+      for st, k, sh in zip(state.stacks, _head_bits(config), _stack_shards(config))])
 
 
 _run.defvjp(_run_fwd, _run_bwd)
@@ -750,7 +771,8 @@ def train_and_reverse(config, params, slots, hparams, steps, invalid):
 
   with jax.enable_x64(True):
     initial = _initial_state(config, params, slots)
-    state = state._replace(stacks=tuple(_bitstack.for_popping(st) for st in state.stacks))
+    state = state._replace(stacks=tuple(
+        _bitstack.for_popping(st, sh) for st, sh in zip(state.stacks, _stack_shards(config))))
     rebuilt, _ = jax.lax.scan(body, state, steps, reverse=True)
     rebuilt_params, rebuilt_slots, _ = _outputs(config, rebuilt)
     reconstruction = Reconstruction(

@@ -27,6 +27,7 @@ from revhyper import _errors
 from revhyper import _fixed_point
 from revhyper import _reversible
 from revhyper import _schedules
+from revhyper import _sharding
 
 Stats = _reversible.Stats
 
@@ -53,16 +54,40 @@ class Reversible:
       bit for bit (keeps a copy of the initial state); on a mismatch, raise ``ReversalError``
       in an eager ``jax.grad`` and make every hypergradient NaN under ``jit``. This checks the
       gradient path itself; use it once on a new problem or backend.
+    mesh: a ``jax.sharding.Mesh`` to lay the exact state out on (see README, "Scaling"); each
+      device keeps the lanes of the weights it holds and a bit stack of its own, sized for them.
+    param_specs: with ``mesh``, how the parameters are split: one ``PartitionSpec`` for every
+      leaf, or a pytree like ``params`` of ``PartitionSpec`` (``None`` leaves: replicated).
+      Default: every leaf replicated (data parallelism). Each sharded dimension must split
+      evenly.
   """
 
   min_momentum: Optional[float] = None
   share_gradient: Optional[bool] = None
   checks: bool = True
   check_reversal: bool = False
+  mesh: Any = None
+  param_specs: Any = dataclasses.field(default=None, compare=False)
+  # param_specs as (treedef, leaves): hashable, since the method is part of a static config.
+  _spec_leaves: Any = dataclasses.field(default=None, init=False, repr=False)
 
   def __post_init__(self):
     if self.min_momentum is not None and not 0 <= self.min_momentum <= 1:
       raise ValueError(f"min_momentum must lie in [0, 1], got {self.min_momentum}.")
+    if self.mesh is None:
+      if self.param_specs is not None:
+        raise ValueError("param_specs needs a mesh: Reversible(mesh=..., param_specs=...).")
+      return
+    if not isinstance(self.mesh, jax.sharding.Mesh):
+      raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}.")
+    if any(t != jax.sharding.AxisType.Auto for t in self.mesh.axis_types):
+      # Explicit axes put the layout into the arrays' types, which would take reshards here.
+      raise ValueError(f"mesh axes must be Auto (jax.make_mesh(..., axis_types=(AxisType.Auto,"
+                       f" ...)) or jax.sharding.Mesh(devices, names)), got "
+                       f"{self.mesh.axis_types}.")
+    is_spec = lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)
+    leaves, treedef = jax.tree_util.tree_flatten(self.param_specs, is_leaf=is_spec)
+    object.__setattr__(self, "_spec_leaves", (treedef, tuple(leaves)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,15 +279,17 @@ def compute_dtypes(leaves):
   return [_fixed_point.compute_dtype(jnp.result_type(x)) for x in leaves]
 
 
-def _capacity_chunks(method, problem, layout):
-  """Static sizes of the bit stacks' tails, from concrete numerators or ``min_momentum``."""
+def _capacity_chunks(method, problem, layout, shards=None):
+  """Static sizes of the bit stacks' tails (each device's), from the numerators or
+  ``min_momentum``."""
   rule, steps = problem.rule, problem.steps
-  stages = [list(zip(layout.sizes * len(rule.slots),
+  sizes = _sharding.local_sizes(layout.shapes, shards)
+  stages = [list(zip(sizes * len(rule.slots),
                      [n for leaves in steps.numerators for n in leaves],
-                     [slot.denominator_bits for slot in rule.slots for _ in layout.sizes]))]
+                     [slot.denominator_bits for slot in rule.slots for _ in sizes]))]
   if rule.weight_decay_bits is not None:
     stages.append([(size, n, rule.weight_decay_bits)
-                   for size, n in zip(layout.sizes, steps.weight_numerators)])
+                   for size, n in zip(sizes, steps.weight_numerators)])
   capacities = []
   for stage in stages:
     chunks = 0
@@ -284,8 +311,22 @@ def _capacity_chunks(method, problem, layout):
   return tuple(capacities)
 
 
+def _shards(method, problem, layout):
+  """The method's mesh and specs, one spec per parameter leaf, checked; None without a mesh."""
+  if method.mesh is None:
+    return None
+  treedef, specs = method._spec_leaves  # pylint: disable=protected-access
+  if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # one spec (or None) for every leaf
+    specs = specs * len(layout.shapes)
+  elif treedef != problem.treedef:
+    raise ValueError(f"param_specs must be one PartitionSpec or a pytree like params "
+                     f"({problem.treedef}), got {treedef}.")
+  return _sharding.make(method.mesh, specs, layout.shapes)
+
+
 def _reversible_config(method, problem):
   layout = _reversible.Layout.of(problem.params)
+  shards = _shards(method, problem, layout)
   numerators = jax.tree_util.tree_leaves((problem.steps.numerators,
                                           problem.steps.weight_numerators))
   traced = any(_schedules.concrete_value(n) is None for n in numerators)
@@ -294,13 +335,14 @@ def _reversible_config(method, problem):
       rule=problem.rule,
       layout=layout,
       num_steps=int(problem.steps.t.shape[0]),
-      capacity_chunks=_capacity_chunks(method, problem, layout),
+      capacity_chunks=_capacity_chunks(method, problem, layout, shards),
       share_gradient=(jax.default_backend() == "cpu" if method.share_gradient is None
                       else method.share_gradient),
       checks=method.checks,
       check_reversal=method.check_reversal,
       min_momentum=method.min_momentum if traced else None,
       user_x64=bool(jax.config.jax_enable_x64),
+      shards=shards,
   )
 
 

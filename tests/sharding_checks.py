@@ -1,0 +1,232 @@
+"""Checks of the sharded exact state, run in a fresh process with simulated CPU devices.
+
+The number of host devices is fixed when JAX starts, and the test process has one, so
+``tests/test_sharding.py`` runs this script as ``python sharding_checks.py MODE DEVICES`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES`` and reads the JSON it prints last.
+
+Modes (each also checks the bit stack alone: sharded, its heads and values equal the unsharded
+stack's bit for bit, and it pops back to empty):
+  model   weights split over DEVICES devices: an exact round trip, and a hypergradient (with the
+          in-pass reversal check) that agrees with the single-device run.
+  data    the batch split over DEVICES devices, weights replicated: the same hypergradient; and a
+          round trip on a 2 x DEVICES / 2 mesh ("data", "model").
+  layout  compile only: per-device temporaries of exact training on meshes of 1 ... DEVICES
+          devices, and the collectives in the compiled hypergradient programs.
+"""
+
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import revhyper
+from revhyper import _bitstack
+from revhyper import _sharding
+
+NUM_STEPS = 20
+LEARNING_RATE = 0.05
+WIDTH = 64  # hidden units: splits evenly over 1, 2, 4 and 8 devices
+BATCH = 32
+
+
+def mesh_of(shape, names):
+  devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+  return Mesh(devices, names)
+
+
+def mlp_params():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"w1": 0.3 * jax.random.normal(k1, (16, WIDTH)), "b1": jnp.zeros(WIDTH),
+          "w2": 0.3 * jax.random.normal(k2, (WIDTH, 4)), "b2": jnp.zeros(4)}
+
+
+# Megatron-style model parallelism: the hidden layer's units are split over "model".
+MODEL_SPECS = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": None}
+
+
+def batch(t, data_mesh=None):
+  """A deterministic minibatch per step; with ``data_mesh`` it is split over "data"."""
+  x = jnp.cos(jnp.arange(BATCH, dtype=jnp.float32)[:, None] * 0.37
+              + jnp.arange(16, dtype=jnp.float32) * 0.11 + t * 0.01)
+  y = jnp.sin(x[:, :4] * 3.0)
+  if data_mesh is not None:
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(data_mesh, P("data")))
+    y = jax.lax.with_sharding_constraint(y, NamedSharding(data_mesh, P("data")))
+  return x, y
+
+
+def mlp_loss(data_mesh=None):
+  def loss(p, l2, t):
+    x, y = batch(t, data_mesh)
+    out = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    return jnp.mean((out - y) ** 2) + l2 * jnp.sum(p["w1"] ** 2)
+  return loss
+
+
+def hypergradient(loss, method, check_reversal):
+  """grad of a validation loss with respect to the L2 penalty and per-leaf lr schedules."""
+  params = mlp_params()
+  method = revhyper.Reversible(**method, check_reversal=check_reversal)
+
+  def meta(h):
+    out = revhyper.sgd(loss, params, h["l2"], num_steps=NUM_STEPS, learning_rate=h["lr"],
+                       momentum=0.9, method=method)
+    return mlp_loss()(out.params, 0.0, NUM_STEPS + 7)
+
+  h = {"l2": jnp.float32(1e-3),
+       "lr": jax.tree_util.tree_map(lambda _: jnp.full(NUM_STEPS, LEARNING_RATE), params)}
+  return jax.jit(jax.grad(meta))(h)
+
+
+def relative_error(got, want):
+  """Relative L2 error over the whole hypergradient (a leaf near zero has no relative scale)."""
+  flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+  return float(jnp.linalg.norm(flat(got) - flat(want)) / jnp.linalg.norm(flat(want)))
+
+
+def stack_round_trip(devices):
+  """The sharded stack against one stack: heads and values bit for bit, tails per device."""
+  mesh = mesh_of((devices,), ("x",))
+  shards = _sharding.make(mesh, (P("x"), P(None, "x")), ((devices * 96,), (3, devices * 8)))
+  rng = np.random.default_rng(0)
+  numerators = rng.integers(1, 2**16, size=300).astype(np.uint64)
+  numerators[::7] = 1  # 16 bits per lane and step: every lane spills often
+
+  with jax.enable_x64(True):
+    values = [jnp.asarray(rng.integers(-2**62, 2**62, size=s), jnp.int64)
+              for s in ((devices * 96,), (3, devices * 8))]
+
+    def run(shards):
+      # The second group's numerators are the smaller: they bound both groups' chunks.
+      capacity = _bitstack.bucket(_bitstack.max_chunks_per_lane(np.maximum(numerators, 4) - 3))
+      lanes = _sharding.local_sizes([v.shape for v in values], shards)
+      stack = _bitstack.empty([v.shape for v in values], capacity * sum(lanes), shards=shards)
+
+      def step(n, k):  # the second group's numerator differs, so groups spill apart
+        ns = [n.astype(jnp.uint64), (jnp.maximum(n, k + 1) - k).astype(jnp.uint64)]
+        return ns, jnp.min(jnp.stack(ns)).astype(jnp.float64)
+
+      def forward(carry, n):
+        stack, v = carry
+        return _bitstack.multiply(stack, v, *step(n, 3), shards=shards), None
+
+      def backward(carry, n):
+        stack, v = carry
+        return _bitstack.divide(stack, v, *step(n, 3), shards=shards), None
+
+      (pushed, w), _ = jax.lax.scan(forward, (stack, values), numerators)
+      (popped, back), _ = jax.lax.scan(
+          backward, (_bitstack.for_popping(pushed, shards), w), numerators, reverse=True)
+      return (pushed, w, back, _bitstack.stored_bits(pushed, shards=shards),
+              _bitstack.is_empty(popped, shards=shards))
+
+    one = jax.jit(lambda: run(None))()
+    many = jax.jit(lambda: run(shards))()
+    same = lambda a, b: all(bool(jnp.all(x == y)) for x, y in zip(a, b))
+    return {
+        "heads_equal": same(one[0].head, many[0].head),
+        "values_equal": same(one[1], many[1]),
+        "restored": same(many[2], values) and same(one[2], values),
+        "ptr_sum_equal": int(jnp.sum(many[0].ptr)) == int(one[0].ptr),
+        "ptr_per_device": [int(p) for p in many[0].ptr],
+        "tail_sharding": str(many[0].tail.sharding.spec),
+        # The tail's bits are counted exactly; the heads' log2 sums in another order.
+        "stored_bits": [float(one[3]), float(many[3])],
+        "empty": bool(many[4]),
+    }
+
+
+def model_parallel(devices):
+  """The hidden units split over "model": the bit stack, a round trip, a hypergradient."""
+  out = {"devices": len(jax.devices()), "stack": stack_round_trip(devices)}
+  model = mesh_of((devices,), ("model",))
+  method = revhyper.Reversible(mesh=model, param_specs=MODEL_SPECS)
+  trip = revhyper.round_trip(mlp_loss(), mlp_params(), 1e-3, num_steps=NUM_STEPS,
+                             learning_rate=LEARNING_RATE, momentum=0.9, method=method)
+  out["round_trip_exact"] = bool(trip.exact)
+  out["bits_per_weight_per_step"] = float(trip.stats.bits_per_weight_per_step)
+  out["buffer_overflow"] = bool(trip.stats.buffer_overflow)
+  reference = hypergradient(mlp_loss(), {}, check_reversal=False)
+  sharded = hypergradient(mlp_loss(), dict(mesh=model, param_specs=MODEL_SPECS),
+                          check_reversal=True)
+  out["hypergradient_error"] = relative_error(sharded, reference)
+  return out
+
+
+def data_parallel(devices):
+  """The batch split over "data", the weights replicated; then both kinds of parallelism."""
+  out = {"devices": len(jax.devices()), "stack": stack_round_trip(devices)}
+  data = mesh_of((devices,), ("data",))
+  reference = hypergradient(mlp_loss(), {}, check_reversal=False)
+  parallel = hypergradient(mlp_loss(data), dict(mesh=data), check_reversal=True)
+  out["hypergradient_error"] = relative_error(parallel, reference)
+  # 2 replicas of a model split over D / 2 devices; b2 has a copy on every device.
+  both = mesh_of((2, devices // 2), ("data", "model"))
+  trip = revhyper.round_trip(
+      mlp_loss(both), mlp_params(), 1e-3, num_steps=NUM_STEPS, learning_rate=LEARNING_RATE,
+      momentum=0.9, method=revhyper.Reversible(mesh=both, param_specs=MODEL_SPECS))
+  out["data_and_model_round_trip_exact"] = bool(trip.exact)
+  return out
+
+
+# The result type may be a tuple, "(f32[64]{0}, f32[4]{0})": everything up to the op's name.
+COLLECTIVE = re.compile(
+    r"=\s*(.+?)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+    r"(-start)?\(")
+
+
+def collectives(compiled):
+  """``(result type, op)`` of every collective in a compiled program's HLO."""
+  return sorted({(m.group(1), m.group(2)) for m in COLLECTIVE.finditer(compiled.as_text())})
+
+
+def layout(devices):
+  # A tail that dominates the state: momentum 0.01 stores log2(1 / 0.01) = 6.6 bits per weight
+  # per step, 256 chunks per lane over 1000 steps. Compiled only, never run.
+  steps, width = 1000, 8192
+  params = {"a": jnp.zeros((8, width)), "b": jnp.zeros(width)}
+  specs = {"a": P(None, "x"), "b": P("x")}
+  target = jnp.linspace(-1.0, 1.0, width)
+  loss = lambda p, h, t: jnp.sum((p["a"] - target) ** 2) + jnp.sum((p["b"] - h) ** 2)
+  memory = {}
+  for n in sorted({1, 2, 4, devices}):
+    method = revhyper.Reversible(mesh=mesh_of((n,), ("x",)), param_specs=specs)
+    # The hypergradient's program: there the tail lives from the forward to the reverse loop
+    # (training alone never reads it back, and XLA drops what is never read).
+    meta = lambda h, m=method: jnp.sum(revhyper.sgd(
+        loss, params, h, num_steps=steps, learning_rate=0.01, momentum=0.01, method=m).params["b"])
+    analysis = jax.jit(jax.grad(meta)).lower(0.5).compile().memory_analysis()
+    memory[n] = int(analysis.temp_size_in_bytes)
+  tail_bytes = 4 * 256 * 9 * width  # uint32 chunks: 256 per lane, 9 * width lanes
+
+  model = mesh_of((devices,), ("model",))
+  data = mesh_of((devices,), ("data",))
+  programs = {}
+  for name, loss, method in [
+      ("model", mlp_loss(), dict(mesh=model, param_specs=MODEL_SPECS)),
+      ("data", mlp_loss(data), dict(mesh=data))]:
+    params = mlp_params()
+    method = revhyper.Reversible(**method)
+
+    def meta(h, loss=loss, method=method, params=params):
+      out = revhyper.sgd(loss, params, h, num_steps=NUM_STEPS, learning_rate=LEARNING_RATE,
+                         momentum=0.9,
+                         method=method)
+      return mlp_loss()(out.params, 0.0, NUM_STEPS)
+
+    programs[name] = collectives(jax.jit(jax.grad(meta)).lower(1e-3).compile())
+  return {"devices": len(jax.devices()), "temp_bytes": memory, "tail_bytes": tail_bytes,
+          "collectives": programs}
+
+
+if __name__ == "__main__":
+  mode, devices = sys.argv[1], int(sys.argv[2])
+  modes = {"model": model_parallel, "data": data_parallel, "layout": layout}
+  result = modes[mode](devices)
+  print(json.dumps(result))

@@ -1,0 +1,41 @@
+"""The sharded benchmark runs end to end in its quick mode and writes well-formed results.
+
+Benchmarks are not tests: nothing here asserts a time. The launcher runs in a subprocess with 8
+simulated devices (it sets them itself where XLA_FLAGS names no device count), on a tiny
+network: four compiles and three short runs, about half a minute on two cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "benchmark_sharded.py")
+
+
+def test_quick_run_writes_plans_times_and_errors(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # conftest.py's one device must not reach the launcher
+  proc = subprocess.run([sys.executable, SCRIPT, "--quick", f"--out_dir={tmp_path}"], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  assert results["complete"] is True
+  assert results["machine"]["num_devices"] == 8 and results["config"]["devices"] == 8
+  assert results["num_weights"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+  records = results["methods"]
+  assert list(records) == ["unroll", "reversible", "reversible_one", "checkpoint"]
+  for name, record in records.items():
+    memory = record["memory"]
+    assert 0 < memory["temp_bytes"] <= memory["planned_bytes"]
+    assert memory["loop_carry_bytes"] > 0
+    if name == "unroll":  # planned, never run
+      assert "time_s" not in record
+    else:
+      assert record["time_s"] > 0 and record["error"] <= 1e-5
+  assert records["reversible_one"]["error"] == 0
+  assert "reversible time, sharded / one device" in results["ratios"]
+  assert "unroll plan / reversible plan (per device)" in results["ratios"]
+  assert "reversible time, sharded / one device" in proc.stdout

@@ -1,0 +1,170 @@
+"""Sharded exact state: one bit stack per device, on 4 and 8 simulated CPU devices.
+
+JAX fixes its device count at start-up and this process has one device (conftest.py), so the
+multi-device checks run in fresh processes (``tests/sharding_checks.py``), started together and
+read back as JSON. The checks that one device can make (configuration errors, a one-device mesh
+giving the unsharded run's bits) run here.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import revhyper
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "sharding_checks.py")
+# log2(2**16 / 58982): the information bound for momentum 0.9 rounded to 58982 / 2**16.
+BOUND_BITS = 16 - math.log2(58982)
+CHECKS = {"model": 4, "data": 8, "layout": 8}
+# Exact code compiles at XLA's backend level 0 too (the same program runs in both loops), in
+# half the time; the memory plan is measured as a user would compile it.
+FAST_COMPILE = {"model": True, "data": True, "layout": False}
+
+
+@pytest.fixture(scope="module")
+def checks():
+  """Runs every mode of sharding_checks.py at once, each in its own process."""
+  procs = {}
+  for mode, devices in CHECKS.items():
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    if FAST_COMPILE[mode]:
+      flags += " --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT)
+    procs[mode] = subprocess.Popen([sys.executable, SCRIPT, mode, str(devices)], env=env,
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+  results = {}
+  for mode, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    results[mode] = json.loads(out.strip().splitlines()[-1])
+    assert results[mode]["devices"] == CHECKS[mode]
+  return results
+
+
+@pytest.mark.parametrize("mode", ["model", "data"])
+def test_sharded_bit_stack_matches_one_stack_bit_for_bit(checks, mode):
+  stack = checks[mode]["stack"]
+  assert stack["heads_equal"] and stack["values_equal"]
+  assert stack["restored"] and stack["empty"]
+  # Each device's pointer counts its own lanes' chunks; together they are the one stack's.
+  assert stack["ptr_sum_equal"]
+  assert len(stack["ptr_per_device"]) == CHECKS[mode]
+  assert stack["tail_sharding"] == "P('x',)"
+  one, many = stack["stored_bits"]
+  assert many == pytest.approx(one, rel=1e-12)
+
+
+def test_model_parallel_round_trip_is_exact_and_stores_the_bound(checks):
+  result = checks["model"]
+  assert result["round_trip_exact"] and not result["buffer_overflow"]
+  assert result["bits_per_weight_per_step"] == pytest.approx(BOUND_BITS, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["model", "data"])
+def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
+  # With the in-pass reversal check: a reverse loop that missed a bit gives NaN here. The
+  # error is float32 summation order (the sharded reductions add partial sums).
+  assert checks[mode]["hypergradient_error"] <= 1e-6
+
+
+def test_data_and_model_parallel_round_trip_is_exact(checks):
+  assert checks["data"]["data_and_model_round_trip_exact"]
+
+
+def test_per_device_memory_falls_as_one_over_devices(checks):
+  temp = {int(k): v for k, v in checks["layout"]["temp_bytes"].items()}
+  assert checks["layout"]["tail_bytes"] <= temp[1]  # the stack is what the plan holds
+  for devices, per_device in temp.items():
+    assert per_device == pytest.approx(temp[1] / devices, rel=0.05), (devices, temp)
+
+
+@pytest.mark.parametrize("program", ["model", "data"])
+def test_no_collective_touches_the_bit_stack(checks, program):
+  # The stack's arrays are uint32 (tail) and uint64 (heads), its pointers int64; the only
+  # collectives are the loss's own float reductions and the final failure flags.
+  found = checks["layout"]["collectives"][program]
+  for result_type, op in found:
+    for dtype in ("u32[", "u64[", "s64["):
+      assert dtype not in result_type, (op, result_type)
+  if program == "data":  # weights replicated, batch split: the gradient is all-reduced
+    assert any("f32[64,16]" in t for t, _ in found)
+
+
+def _problem():
+  params = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+  loss = lambda p, h, t: jnp.sum((p["a"] - h) ** 2 * (1 + t)) + jnp.sum(jnp.sin(p["b"]))
+  return loss, params
+
+
+def test_one_device_mesh_gives_the_unsharded_run_bit_for_bit():
+  loss, params = _problem()
+  mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+  kw = dict(num_steps=15, learning_rate=0.05, momentum=0.8)
+  sharded = revhyper.Reversible(mesh=mesh, param_specs={"a": P(None, "x"), "b": P("x")})
+  meta = lambda h, m: jnp.sum(revhyper.sgd(loss, params, h, method=m, **kw).params["a"])
+  one = jax.grad(meta)(0.3, revhyper.Reversible())
+  many = jax.grad(meta)(0.3, sharded)
+  assert one == many
+  trip = revhyper.round_trip(loss, params, 0.3, method=sharded, **kw)
+  assert bool(trip.exact)
+
+
+def test_methods_with_equal_layouts_are_equal_and_hash_alike():
+  mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+  a = revhyper.Reversible(mesh=mesh, param_specs={"a": P("x"), "b": None})
+  b = revhyper.Reversible(mesh=mesh, param_specs={"a": P("x"), "b": None})
+  assert a == b and hash(a) == hash(b)
+  assert a != revhyper.Reversible(mesh=mesh, param_specs={"a": None, "b": None})
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda mesh: revhyper.Reversible(param_specs=P("x")), "needs a mesh"),
+    (lambda mesh: revhyper.Reversible(mesh="x"), "must be a jax.sharding.Mesh"),
+    (lambda mesh: revhyper.Reversible(mesh=jax.make_mesh((1,), ("x",))), "must be Auto"),
+])
+def test_bad_layout_raises_at_construction(make, pattern):
+  mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+  with pytest.raises(ValueError, match=pattern):
+    make(mesh)
+
+
+@pytest.mark.parametrize("specs, pattern", [
+    ({"a": P("y"), "b": None}, "distinct axes of the mesh"),
+    ({"a": P("x", "x"), "b": None}, "distinct axes of the mesh"),
+    ({"a": P(None, None, "x"), "b": None}, "more entries"),
+    ({"a": P("x")}, "a pytree like params"),
+    ({"a": "x", "b": None}, "PartitionSpec or None"),
+])
+def test_bad_param_specs_raise_a_clear_error(specs, pattern):
+  loss, params = _problem()
+  mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+  with pytest.raises(ValueError, match=pattern):
+    revhyper.sgd(loss, params, 0.3, num_steps=3, learning_rate=0.1, momentum=0.9,
+                 method=revhyper.Reversible(mesh=mesh, param_specs=specs))
+
+
+def test_readme_scaling_example_runs_on_eight_devices():
+  readme = pathlib.Path(ROOT, "README.md").read_text()
+  section = readme[readme.index("## Scaling"):]
+  code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
+  code += "\nassert len(jax.devices()) == 8\nprint('RESULT', float(hypergrad(1e-3, sharded)), "
+  code += "float(hypergrad(1e-3, revhyper.Reversible())))\n"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_backend_optimization_level=0", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  sharded, one = map(float, proc.stdout.split("RESULT")[1].split())
+  assert sharded == pytest.approx(one, rel=1e-6)
