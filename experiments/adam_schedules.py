@@ -19,18 +19,22 @@ standard deviation over the seeds. Every contender trains with ``eps_root = 1e-8
 optax's 0: the first layer's weights on pixels that are zero in every training digit keep
 ``nu = 0``, where the square root's derivative would make the hypergradient NaN.
 
-Data: the 10,000 bundled MNIST digits, split 5000 train / 2500 valid / 2500 test (``--split``;
-``--mnist_dir`` for the full IDX files). Inputs are scaled to [0, 1] and centred.
+Data: the 10,000 bundled MNIST digits, split 5000 train / 2500 valid / 2500 test
+(``config.split``; ``config.mnist_dir`` for the full IDX files, split 10k / 10k / 10k). Inputs
+are scaled to [0, 1] and centred. Settings: ``experiments/configs/adam_schedules.py``, presets
+"paper" (the settings above) and "quick"; ``--config.<field>=value`` overrides one field.
 
-Outputs in ``--out_dir``: ``results.json`` (settings, meta-loss history, learned schedules,
+Outputs in ``--out_dir``: ``results.json`` (the shared schema of experiments/common.py: commit,
+JAX version, backend, config, departures; then the meta-loss history, learned schedules,
 per-seed test errors of every contender and their mean and sd, wall time) and the figures
 ``learning_rates.png``, ``weight_decays.png``, ``meta_learning_curve.png`` and
 ``test_error.png``.
 
 Run from the repository root::
 
-  python experiments/adam_schedules.py --out_dir results/adam_schedules
-  python experiments/adam_schedules.py --quick --out_dir results/adam_schedules_quick  # < 1 min
+  python experiments/adam_schedules.py --out_dir results/adam_schedules   # ~3 min, 2 CPU cores
+  python experiments/adam_schedules.py --config=experiments/configs/adam_schedules.py:quick \
+      --out_dir /tmp/adam_schedules_quick                                 # under 40 CPU-seconds
 """
 
 import os
@@ -50,48 +54,25 @@ import common  # noqa: E402  (needs the path above)
 import matplotlib.pyplot as plt  # noqa: E402  (common chooses the headless backend first)
 import revhyper  # noqa: E402
 
-# Flags left at None take the full run's value, or the --quick value with --quick.
-flags.DEFINE_string("out_dir", "results/adam_schedules", "Folder for results and figures.")
-flags.DEFINE_bool("quick", False, "A small run that finishes in under a minute on 2 CPU cores.")
-flags.DEFINE_integer("meta_iterations", None, "Meta-iterations (full 40, quick 3).")
-flags.DEFINE_integer("num_steps", None, "Training steps T (full 100, quick 10).")
-flags.DEFINE_integer("batch_size", None, "Minibatch size (full 200, quick 50).")
-flags.DEFINE_list("layer_sizes", None, "MLP widths (full 784,50,50,50,10, quick 784,20,10).")
-flags.DEFINE_list("split", None, "train,valid,test sizes (bundled 5000,2500,2500; --mnist_dir "
-                  "10000,10000,10000; quick 1000,500,500).")
-flags.DEFINE_integer("eval_seeds", None, "Fresh seeds of the final comparison (full 20, "
-                     "quick 3).")
-flags.DEFINE_list("grid", None, "Constant learning rates of the baseline grid (full "
-                  "1e-4,3e-4,1e-3,3e-3,1e-2, quick 1e-3,1e-2).")
-flags.DEFINE_integer("seed", 0, "Seed of the data split; meta-iteration i trains with seed "
-                     "1 + i, the evaluation with seeds 10,000 + k.")
-flags.DEFINE_float("meta_step", 0.05, "Adam step size of the meta-optimiser.")
-flags.DEFINE_float("min_decay", 0.5, "Lower bound on b1, b2 and 1 - lr * wd: sizes the bit "
-                   "stack of the reversible method (they are traced); learned values are "
-                   "clipped to it.")
-flags.DEFINE_enum("method", "reversible", ["reversible", "unroll", "checkpoint"],
-                  "How the hypergradient is computed (all give the same gradients).")
-flags.DEFINE_string("mnist_dir", None, "Folder with the four MNIST IDX files; default: the "
-                    "bundled 10,000 digits.")
+CONFIG = common.define_config("adam_schedules")
+common.define_out_dir("results/adam_schedules")
 
 FLAGS = flags.FLAGS
-
-FULL = dict(meta_iterations=40, num_steps=100, batch_size=200,
-            layer_sizes=(784, 50, 50, 50, 10), eval_seeds=20)
-QUICK = dict(meta_iterations=3, num_steps=10, batch_size=50, layer_sizes=(784, 20, 10),
-             eval_seeds=3)
+# The split where config.split is empty: the bundled digits', or full MNIST's (config.mnist_dir).
 BUNDLED_SPLIT = (5000, 2500, 2500)
 IDX_SPLIT = (10000, 10000, 10000)
-QUICK_SPLIT = (1000, 500, 500)
 OPTAX_DEFAULTS = dict(learning_rate=1e-3, b1=0.9, b2=0.999, weight_decay=1e-4)
+# Not a figure of the paper: these say how the contenders differ from plain optax.adamw.
+DEPARTURES = (
+    "Every contender trains with eps_root = 1e-8 instead of optax's 0, so that weights whose "
+    "gradient is always zero (nu = 0) do not make the hypergradient NaN.",
+    "Learned b1, b2 and 1 - lr * wd are clipped below at config.min_decay, the bound the "
+    "reversible method sizes its bit stack for; learning rates at 0.1, weight decays at 1.",
+)
 EPS_ROOT = 1e-8  # see the module docstring
 # Learning rates and weight decays are clipped here, so that lr * wd <= 0.1 stays far inside
 # the bound that sizes the weights' bit stack (1 - lr * wd >= min_decay).
 MAX_LEARNING_RATE, MAX_WEIGHT_DECAY = 0.1, 1.0
-
-
-def _setting(name):
-  return common.setting(FLAGS, name, FULL, QUICK)
 
 
 def leaf_names(params):
@@ -181,29 +162,33 @@ def plot_schedules(names, schedules, ylabel, title):
 def main(argv):
   del argv
   start = time.time()
-  layer_sizes = _setting("layer_sizes")
-  num_steps, batch_size = _setting("num_steps"), _setting("batch_size")
-  split = common.split_sizes(FLAGS.split, FLAGS.quick, FLAGS.mnist_dir, bundled=BUNDLED_SPLIT,
-                             idx=IDX_SPLIT, quick_sizes=QUICK_SPLIT)
+  # A copy, so that the split resolved below is what results.json's config records.
+  c = CONFIG.value.copy_and_resolve_references()
+  if c.method not in ("reversible", "unroll", "checkpoint"):
+    raise app.UsageError(f"config.method must be reversible, unroll or checkpoint, got "
+                         f"{c.method!r}")
+  if not c.split:
+    c.split = IDX_SPLIT if c.mnist_dir else BUNDLED_SPLIT
+  layer_sizes, split = tuple(c.layer_sizes), tuple(c.split)
+  num_steps, batch_size = c.num_steps, c.batch_size
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
-  data, data_note = common.load_mnist_splits(FLAGS.mnist_dir, split, FLAGS.seed,
+  data, data_note = common.load_mnist_splits(c.mnist_dir, split, c.seed,
                                              ("train", "valid", "test"))
-  method = (revhyper.Reversible(min_momentum=FLAGS.min_decay) if FLAGS.method == "reversible"
-            else FLAGS.method)
+  method = revhyper.Reversible(min_momentum=c.min_decay) if c.method == "reversible" else c.method
   meta_loss, evaluate = make_problem(data, layer_sizes, num_steps, batch_size, method)
   names = leaf_names(revhyper.models.mlp_noise(jax.random.key(0), layer_sizes))
   h = initial_hparams(revhyper.models.mlp_noise(jax.random.key(0), layer_sizes), num_steps)
-  optimizer = optax.adam(FLAGS.meta_step)
+  optimizer = optax.adam(c.meta_step)
   state = optimizer.init(h)
 
   @jax.jit
   def meta_step(h, state, seed):
-    value, grad = jax.value_and_grad(meta_loss)(h, seed, FLAGS.min_decay)
+    value, grad = jax.value_and_grad(meta_loss)(h, seed, c.min_decay)
     updates, state = optimizer.update(grad, state, h)
     return optax.apply_updates(h, updates), state, value, optax.global_norm(grad)
 
   history = []
-  for i in range(_setting("meta_iterations")):
+  for i in range(c.meta_iterations):
     tick = time.time()
     h, state, value, norm = meta_step(h, state, jnp.int32(1 + i))
     history.append({"iteration": i, "valid_loss": float(value), "hypergrad_norm": float(norm),
@@ -211,12 +196,11 @@ def main(argv):
     print(f"meta-iteration {i}: validation loss {float(value):.4f}, hypergradient norm "
           f"{float(norm):.3g} ({time.time() - tick:.1f} s)", flush=True)
 
-  seeds = jnp.arange(_setting("eval_seeds"), dtype=jnp.int32) + 10_000
-  learned = coefficients(h, FLAGS.min_decay)
+  seeds = jnp.arange(c.eval_seeds, dtype=jnp.int32) + 10_000
+  learned = coefficients(h, c.min_decay)
   contenders = {"learned": learned,
                 "optax_adamw_defaults": {k: jnp.float32(v) for k, v in OPTAX_DEFAULTS.items()}}
-  grid = [float(v) for v in (FLAGS.grid or (["1e-3", "1e-2"] if FLAGS.quick else
-                                            ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]))]
+  grid = [float(v) for v in c.grid]
   grid_scores = {}
   for lr in grid:
     coefs = dict(OPTAX_DEFAULTS, learning_rate=lr)
@@ -227,18 +211,14 @@ def main(argv):
   comparison = {name: {"test_error": summary(s["test_error"]),
                        "valid_error": summary(s["valid_error"])}
                 for name, s in results_scores.items()}
-  for name, c in comparison.items():
-    print(f"{name}: test error {100 * c['test_error']['mean']:.2f}% +- "
-          f"{100 * c['test_error']['sd']:.2f}% over {seeds.size} seeds", flush=True)
+  for name, stats in comparison.items():
+    print(f"{name}: test error {100 * stats['test_error']['mean']:.2f}% +- "
+          f"{100 * stats['test_error']['sd']:.2f}% over {seeds.size} seeds", flush=True)
 
   schedules = {k: dict(zip(names, (np.asarray(x).tolist() for x in jax.tree.leaves(learned[k]))))
                for k in ("learning_rate", "weight_decay")}
   results = {
-      "settings": dict(layer_sizes=layer_sizes, num_steps=num_steps, batch_size=batch_size,
-                       split=split, meta_iterations=_setting("meta_iterations"),
-                       meta_step=FLAGS.meta_step, min_decay=FLAGS.min_decay,
-                       method=FLAGS.method, eval_seeds=int(seeds.size), grid=grid,
-                       quick=FLAGS.quick, data=data_note),
+      "data": data_note,
       "history": history,
       "learned": {"b1": float(learned["b1"]), "b2": float(learned["b2"]), **schedules},
       "grid_valid_error": {f"{lr:g}": float(jnp.mean(s["valid_error"]))
@@ -246,7 +226,7 @@ def main(argv):
       "comparison": comparison,
       "wall_time_s": time.time() - start,
   }
-  common.save_results(out_dir, results)
+  common.write_results(out_dir, "learned AdamW schedules", c, results, DEPARTURES)
 
   common.save_figure(plot_schedules(names, schedules["learning_rate"], "learning rate",
                                     "Learned AdamW learning rates per layer"), out_dir,

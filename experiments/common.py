@@ -53,26 +53,6 @@ def define_out_dir(default):
   flags.DEFINE_string("out_dir", default, "Folder for results.json and the figures.")
 
 
-def setting(flag_values, name, paper, quick):
-  """For launchers still configured by absl flags: the flag ``name``, or where it was left at
-  None its value in ``paper`` (``quick`` with --quick). A list flag comes back as a tuple of
-  ints."""
-  value = getattr(flag_values, name)
-  if value is not None:
-    return tuple(int(v) for v in value) if isinstance(value, list) else value
-  return (quick if flag_values.quick else paper)[name]
-
-
-def split_sizes(split_flag, quick, mnist_dir, *, bundled, idx, quick_sizes):
-  """For launchers still configured by absl flags: the --split flag where given, else
-  ``quick_sizes`` with --quick, else ``idx`` with --mnist_dir (full MNIST), else ``bundled``."""
-  if split_flag:
-    return tuple(int(v) for v in split_flag)
-  if quick:
-    return quick_sizes
-  return idx if mnist_dir else bundled
-
-
 def meta_training_key(seed):
   """The key whose ``fold_in(key, i)`` seeds meta-iteration i (noise and minibatches)."""
   return jax.random.fold_in(jax.random.key(seed), _TRAIN_STREAM)

@@ -1,11 +1,11 @@
-"""Smoke test of the AdamW schedules launcher, end to end on settings smaller than --quick."""
+"""Smoke test of the AdamW schedules launcher, end to end on settings below its quick preset."""
 
 import pytest
 
-from launchers import assert_finite, assert_png, finish, read_results, start_launcher
+from launchers import assert_finite, assert_png, finish, quick, read_results, start_launcher
 
-TINY = ["--quick", "--layer_sizes=784,10,10", "--num_steps=5", "--batch_size=50",
-        "--split=300,100,100", "--meta_iterations=2", "--eval_seeds=2", "--grid=1e-3,1e-2"]
+TINY = quick("adam_schedules.py", "layer_sizes=784,10,10", "num_steps=5", "batch_size=50",
+             "split=300,100,100", "meta_iterations=2", "eval_seeds=2", "grid=1e-3,1e-2")
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,12 @@ def run(tmp_path_factory):
 def test_results_hold_the_history_the_learned_schedules_and_the_comparison(run):
   _, results = run
   assert_finite(results)
+  # The shared schema: provenance and the resolved config, overrides included.
+  assert results["schema"] == "revhyper.experiments.results/2"
+  assert {"commit", "jax_version", "backend"} <= set(results["provenance"])
+  config = results["config"]
+  assert config["split"] == [300, 100, 100] and config["meta_iterations"] == 2
+  assert config["grid"] == [1e-3, 1e-2] and results["departures"]
   assert [r["iteration"] for r in results["history"]] == [0, 1]
   learned = results["learned"]
   assert sorted(learned["learning_rate"]) == ["W1", "W2", "b1", "b2"]
