@@ -29,29 +29,42 @@ import revhyper
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps T of each hypergradient.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Hyperparameter settings batched by vmap.")
 _REPEATS = flags.DEFINE_integer("repeats", 200, "Timed calls per configuration (median).")
+_HIDDEN = flags.DEFINE_integer("hidden", 4, "Hidden units of the toy network (8-H-1).")
 _OUT = flags.DEFINE_string("out", None, "Optional path of a JSON file for the results.")
 
-# A small problem, where per-call overheads (host callbacks, say) would show most.
+# A small problem by default, where per-call overheads (host callbacks, say) show most, and
+# where the per-weight range checks weigh most against the cheap loss.
 _LOSS_SOURCE = """
 def loss_fn(w, h, t):
   x = jnp.sin(jnp.arange(8.0) + t.astype(jnp.float32))
   pred = jnp.tanh(x @ w["w"]) @ w["v"]
   return (pred - 1.0) ** 2 + h * jnp.sum(w["w"] ** 2)
 
-PARAMS = {"w": 0.1 * jnp.ones((8, 4)), "v": 0.1 * jnp.ones(4)}
+PARAMS = {"w": 0.1 * jnp.ones((8, HIDDEN)), "v": 0.1 * jnp.ones(HIDDEN)}
 """
-exec(_LOSS_SOURCE)  # pylint: disable=exec-used  (the same source runs in the child process)
 
 
-def _hypergradient(checks, steps):
+def _problem(hidden):
+  namespace = {"jnp": jnp, "HIDDEN": hidden}
+  exec(_LOSS_SOURCE, namespace)  # pylint: disable=exec-used  (the child process runs it too)
+  return namespace["loss_fn"], namespace["PARAMS"]
+
+
+def _hypergradient(checks, steps, hidden, read_stats):
+  """The hypergradient, with the run's statistics as an output when ``read_stats``.
+
+  Statistics that nothing reads are dead code to XLA, which then drops the per-weight range
+  tracking too: ``checks=False`` with unread statistics is training with no safety at all.
+  """
+  loss_fn, params = _problem(hidden)
   method = revhyper.Reversible(min_momentum=0.5, checks=checks)
 
   def meta(h, lr):
-    out = revhyper.sgd(loss_fn, PARAMS, h, num_steps=steps,  # noqa: F821
-                       learning_rate=lr, momentum=0.9, method=method)
-    return jnp.sum(out.params["v"] ** 2)
+    out = revhyper.sgd(loss_fn, params, h, num_steps=steps, learning_rate=lr, momentum=0.9,
+                       method=method)
+    return jnp.sum(out.params["v"] ** 2), out.stats if read_stats else None
 
-  return jax.grad(meta, argnums=(0, 1))
+  return jax.grad(meta, argnums=(0, 1), has_aux=True)
 
 
 def _measure_pair(fns, args, repeats):
@@ -72,13 +85,13 @@ def _measure_pair(fns, args, repeats):
   return [(c, statistics.median(t)) for c, t in zip(compile_s, times)]
 
 
-def _second_process_compile(steps):
+def _second_process_compile(steps, hidden):
   """Compile times of the same hypergradient in two fresh processes sharing a cache dir."""
   script = textwrap.dedent("""
       import sys, time, jax, jax.numpy as jnp, revhyper
       jax.config.update("jax_compilation_cache_dir", sys.argv[1])
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  """) + _LOSS_SOURCE + textwrap.dedent(f"""
+  """) + f"HIDDEN = {hidden}\n" + _LOSS_SOURCE + textwrap.dedent(f"""
       def meta(h, lr):
         out = revhyper.sgd(loss_fn, PARAMS, h, num_steps={steps}, learning_rate=lr,
                            momentum=0.9, method=revhyper.Reversible(min_momentum=0.5))
@@ -99,22 +112,26 @@ def main(argv):
   steps, batch = _STEPS.value, _BATCH.value
   h, lr = jnp.float32(1e-3), jnp.float32(0.05)
   lrs = jnp.linspace(0.01, 0.1, batch, dtype=jnp.float32)
-  rows = {}
-  grads = [_hypergradient(checks, steps) for checks in (True, False)]
-  rows[("single", True)], rows[("single", False)] = _measure_pair(grads, (h, lr), _REPEATS.value)
-  rows[("vmap", True)], rows[("vmap", False)] = _measure_pair(
-      [jax.vmap(g, in_axes=(None, 0)) for g in grads], (h, lrs), max(3, _REPEATS.value // 4))
-  first, second = _second_process_compile(steps)
-  print(f"reversible hypergradient, T = {steps}, jax {jax.__version__} on "
+  # Checks on (statistics read or not: the checks need them), checks off with the statistics
+  # read (what the checks themselves cost), checks off with nothing read (no range tracking).
+  configs = {"on": (True, True), "off": (False, True), "bare": (False, False)}
+  grads = [_hypergradient(c, steps, _HIDDEN.value, r) for c, r in configs.values()]
+  rows = {"single": _measure_pair(grads, (h, lr), _REPEATS.value),
+          "vmap": _measure_pair([jax.vmap(g, in_axes=(None, 0)) for g in grads], (h, lrs),
+                                max(3, _REPEATS.value // 4))}
+  first, second = _second_process_compile(steps, _HIDDEN.value)
+  print(f"reversible hypergradient, 8-{_HIDDEN.value}-1 tanh net, T = {steps}, jax "
+        f"{jax.__version__} on "
         f"{jax.default_backend()}: median run time (compile time)")
-  print(f"{'':>18} {'checks on':>22} {'checks off':>22} {'on / off':>9}")
-  results = {"steps": steps, "batch": batch, "rows": {}}
+  print(f"{'':>16} {'checks on':>21} {'off, stats read':>21} {'off, nothing read':>21}"
+        f" {'on/off':>7} {'on/bare':>8}")
+  results = {"steps": steps, "batch": batch, "hidden": _HIDDEN.value, "rows": {}}
   for kind, label in (("single", "one setting"), ("vmap", f"vmap, B = {batch}")):
-    on, off = rows[(kind, True)], rows[(kind, False)]
-    print(f"{label:>18} {on[1] * 1e3:10.3f} ms ({on[0]:5.2f} s) "
-          f"{off[1] * 1e3:10.3f} ms ({off[0]:5.2f} s) {on[1] / off[1]:8.3f}x")
-    results["rows"][kind] = {"checks_on_s": on[1], "checks_off_s": off[1],
-                             "compile_on_s": on[0], "compile_off_s": off[0]}
+    (c_on, on), (c_off, off), (c_bare, bare) = rows[kind]
+    cells = " ".join(f"{t * 1e3:9.3f} ms ({c:5.2f} s)" for c, t in rows[kind])
+    print(f"{label:>16} {cells} {on / off:6.3f}x {on / bare:7.3f}x")
+    results["rows"][kind] = {"checks_on_s": on, "checks_off_s": off, "no_stats_s": bare,
+                             "compile_s": [c_on, c_off, c_bare]}
   print(f"compile through the persistent cache: first process {first:.2f} s, "
         f"second process {second:.2f} s")
   results["persistent_cache_compile_s"] = [first, second]
