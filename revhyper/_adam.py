@@ -122,10 +122,8 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0
   cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
   rule, weight_amounts, weight_numerators = Adam(weight_decay=not _is_zero(decays)), None, None
   if rule.weight_decay:
-    amounts = _schedules.combine(lambda a, l: a * l, lrs, decays)
-    _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
-    invalid |= _schedules.outside(amounts.arrays, 0, 1)
-    quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
+    quantized, bad = _training.quantize_weight_decay(lrs, decays)
+    invalid |= bad
     weight_amounts, weight_numerators = cast(quantized.amounts), quantized.numerators
   coefs = AdamCoefs(
       learning_rate=cast(lrs.arrays),

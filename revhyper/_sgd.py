@@ -87,10 +87,8 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, ve
   cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
   rule, decay, weight_numerators = SGD(weight_decay=not _is_zero(decays)), None, None
   if rule.weight_decay:
-    amounts = _schedules.combine(lambda a, l: a * l, alphas, decays)
-    _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
-    invalid |= _schedules.outside(amounts.arrays, 0, 1)
-    quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
+    quantized, bad = _training.quantize_weight_decay(alphas, decays)
+    invalid |= bad
     decay, weight_numerators = cast(quantized.amounts), quantized.numerators
   steps = _reversible.Steps(
       t=jnp.arange(num_steps, dtype=jnp.int32),

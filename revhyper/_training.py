@@ -274,6 +274,23 @@ def close_loss(loss_fn, leaves, treedef, hparams):
   return closed_loss, (hparams, consts)
 
 
+def quantize_weight_decay(learning_rates, weight_decays):
+  """Decoupled weight decay as a rational decay: ``1 - learning_rate * weight_decay`` per leaf
+  and step, quantized once like every decay, for any optimizer that decays its weights.
+
+  Returns:
+    ``(quantized, invalid)``: the ``_schedules.quantize_decay`` result and a bool scalar that
+    is True where a traced ``learning_rate * weight_decay`` leaves ``[0, 1]``.
+
+  Raises:
+    ValueError: a concrete ``learning_rate * weight_decay`` outside ``[0, 1]``.
+  """
+  amounts = _schedules.combine(lambda a, l: a * l, learning_rates, weight_decays)
+  _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
+  return (_schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay"),
+          _schedules.outside(amounts.arrays, 0, 1))
+
+
 def compute_dtypes(leaves):
   """Each leaf's compute dtype: the step computes in it (at least float32)."""
   return [_fixed_point.compute_dtype(jnp.result_type(x)) for x in leaves]
