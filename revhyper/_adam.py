@@ -120,11 +120,9 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0
   amounts2 = _schedules.quantize_decay(_schedules.combine(lambda b: 1 - b, b2s), "b2")
   compute = _training.compute_dtypes(leaves)
   cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
-  rule, weight_amounts, weight_numerators = Adam(weight_decay=not _is_zero(decays)), None, None
-  if rule.weight_decay:
-    quantized, bad = _training.quantize_weight_decay(lrs, decays)
-    invalid |= bad
-    weight_amounts, weight_numerators = cast(quantized.amounts), quantized.numerators
+  weight_amounts, weight_numerators, bad = _training.quantize_weight_decay(lrs, decays, compute)
+  invalid |= bad
+  rule = Adam(weight_decay=weight_amounts is not None)
   coefs = AdamCoefs(
       learning_rate=cast(lrs.arrays),
       decay1=cast(amounts1.amounts),
@@ -141,10 +139,6 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0
       weight_numerators=weight_numerators)
   return _training.Problem(rule, closed_loss, treedef, leaves, (mu_leaves, nu_leaves), hparams,
                            steps, invalid, present=tuple)
-
-
-def _is_zero(schedule):
-  return all(v is not None and not v.any() for v in schedule.values)
 
 
 _training.OPTIMIZERS["adam"] = _problem

@@ -65,10 +65,6 @@ class SGDResult(NamedTuple):
   stats: Stats  # diagnostics (not differentiable)
 
 
-def _is_zero(schedule):
-  return all(v is not None and not v.any() for v in schedule.values)
-
-
 def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
              weight_decay=0.0):
   num_steps = _training.check_num_steps(loss_fn, num_steps)
@@ -85,11 +81,9 @@ def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, ve
   # The step computes in each leaf's compute dtype; n / 2**16 is exact in it.
   compute = _training.compute_dtypes(leaves)
   cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
-  rule, decay, weight_numerators = SGD(weight_decay=not _is_zero(decays)), None, None
-  if rule.weight_decay:
-    quantized, bad = _training.quantize_weight_decay(alphas, decays)
-    invalid |= bad
-    decay, weight_numerators = cast(quantized.amounts), quantized.numerators
+  decay, weight_numerators, bad = _training.quantize_weight_decay(alphas, decays, compute)
+  invalid |= bad
+  rule = SGD(weight_decay=decay is not None)
   steps = _reversible.Steps(
       t=jnp.arange(num_steps, dtype=jnp.int32),
       coefs=SGDCoefs(alpha=cast(alphas.arrays), gamma=cast(momenta.values), decay=decay),

@@ -274,20 +274,29 @@ def close_loss(loss_fn, leaves, treedef, hparams):
   return closed_loss, (hparams, consts)
 
 
-def quantize_weight_decay(learning_rates, weight_decays):
+def quantize_weight_decay(learning_rates, weight_decays, compute):
   """Decoupled weight decay as a rational decay: ``1 - learning_rate * weight_decay`` per leaf
   and step, quantized once like every decay, for any optimizer that decays its weights.
 
+  Args:
+    learning_rates, weight_decays: ``_schedules.Schedule``s.
+    compute: the leaves' compute dtypes.
+
   Returns:
-    ``(quantized, invalid)``: the ``_schedules.quantize_decay`` result and a bool scalar that
-    is True where a traced ``learning_rate * weight_decay`` leaves ``[0, 1]``.
+    ``(amounts, numerators, invalid)``: the quantized amounts ``learning_rate * weight_decay``
+    in the compute dtypes, their numerators, and a bool scalar that is True where a traced
+    amount leaves ``[0, 1]``; ``(None, None, False)`` where the weight decay is known to be 0,
+    so that the optimizer skips the decay and runs bit for bit as without it.
 
   Raises:
     ValueError: a concrete ``learning_rate * weight_decay`` outside ``[0, 1]``.
   """
+  if all(v is not None and not v.any() for v in weight_decays.values):
+    return None, None, jnp.zeros((), jnp.bool_)
   amounts = _schedules.combine(lambda a, l: a * l, learning_rates, weight_decays)
   _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
-  return (_schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay"),
+  quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
+  return ([x.astype(d) for x, d in zip(quantized.amounts, compute)], quantized.numerators,
           _schedules.outside(amounts.arrays, 0, 1))
 
 
