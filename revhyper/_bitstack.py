@@ -130,6 +130,14 @@ def _per_device_value(fn, shards, stack):
   return run(stack)
 
 
+def _rans_on_devices(op, stack, values, numerators, min_base, denominator_bits, shards):
+  """``multiply`` or ``divide`` (``op``) run by every device on its own lanes and tail."""
+  value_specs, numerator_specs = _value_specs(shards, values, numerators)
+  return _on_devices(lambda st, v, n, m: op(st, v, n, m, denominator_bits), shards, stack,
+                     (values, numerators, min_base),
+                     (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
+
+
 def _value_specs(shards, values, numerators):
   """Values go like their leaves; a numerator is a scalar (replicated) or shaped like its leaf."""
   numerator_specs = []
@@ -274,10 +282,8 @@ def multiply(stack, values, numerators, min_base, denominator_bits=None, shards=
     ``(stack, values')`` with ``|v' - v * n / d| < min(n, 2**k + 1)``; ``divide`` undoes it.
   """
   if shards is not None:
-    value_specs, numerator_specs = _value_specs(shards, values, numerators)
-    return _on_devices(lambda st, v, n, m: multiply(st, v, n, m, denominator_bits), shards,
-                       stack, (values, numerators, min_base),
-                       (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
+    return _rans_on_devices(multiply, stack, values, numerators, min_base, denominator_bits,
+                            shards)
   if denominator_bits is None:
     denominator_bits = (DENOMINATOR_BITS,) * len(values)
   k = _uniform_head_bits(denominator_bits)
@@ -320,10 +326,8 @@ def divide(stack, values, numerators, min_base, denominator_bits=None, shards=No
   ``stack.bound`` must be a lower bound on the heads (``for_popping``).
   """
   if shards is not None:
-    value_specs, numerator_specs = _value_specs(shards, values, numerators)
-    return _on_devices(lambda st, v, n, m: divide(st, v, n, m, denominator_bits), shards,
-                       stack, (values, numerators, min_base),
-                       (value_specs, numerator_specs, PartitionSpec()), (value_specs,))
+    return _rans_on_devices(divide, stack, values, numerators, min_base, denominator_bits,
+                            shards)
   if denominator_bits is None:
     denominator_bits = (DENOMINATOR_BITS,) * len(values)
   k = _uniform_head_bits(denominator_bits)

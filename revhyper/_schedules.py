@@ -157,20 +157,24 @@ def _numerators(gamma):
 
 
 @jax.custom_jvp
-def _round_momentum(gamma, numerators):
-  """``numerators / d`` in gamma's dtype, with the gradient of ``gamma`` (straight through).
+def _straight_through(x, rounded):
+  """``rounded`` (x's rounding, same dtype), differentiated as ``x``.
 
   The forward value is the rounded one, so every method runs the same dynamics; the gradient
   is that of the dynamics actually run, passed straight through the rounding.
   """
+  return rounded
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+  return primals[1], tangents[0]
+
+
+def _round_momentum(gamma, numerators):
+  """``numerators / d`` in gamma's dtype, with the gradient of ``gamma``."""
   # Exact: n <= 2**16 and the division is by a power of two.
-  return numerators.astype(gamma.dtype) / _bitstack.DENOMINATOR
-
-
-@_round_momentum.defjvp
-def _round_momentum_jvp(primals, tangents):
-  gamma, numerators = primals
-  return _round_momentum(gamma, numerators), tangents[0]
+  return _straight_through(gamma, numerators.astype(gamma.dtype) / _bitstack.DENOMINATOR)
 
 
 # Rational multiplies close to 1 (Adam's b1 and b2, a weight decay 1 - lr * wd) use the finer
@@ -237,16 +241,10 @@ def _decay_numerators(c):
   return jnp.uint32(d) - m.astype(jnp.uint32)
 
 
-@jax.custom_jvp
 def _round_amount(c, numerators):
   """``(2**31 - n) / 2**31`` in c's dtype, with the gradient of ``c`` (straight through)."""
-  return (jnp.uint32(2**DECAY_BITS) - numerators).astype(c.dtype) * 2.0**-DECAY_BITS
-
-
-@_round_amount.defjvp
-def _round_amount_jvp(primals, tangents):
-  c, numerators = primals
-  return _round_amount(c, numerators), tangents[0]
+  return _straight_through(
+      c, (jnp.uint32(2**DECAY_BITS) - numerators).astype(c.dtype) * 2.0**-DECAY_BITS)
 
 
 def check_range(schedule, name, low, high, what=None):
