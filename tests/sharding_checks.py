@@ -156,7 +156,24 @@ def model_parallel(devices):
   sharded = hypergradient(mlp_loss(), dict(mesh=model, param_specs=MODEL_SPECS),
                           check_reversal=True)
   out["hypergradient_error"] = relative_error(sharded, reference)
+  out["vmap_hypergradient_error"] = vmapped_hypergradient_error(model)
   return out
+
+
+def vmapped_hypergradient_error(model):
+  """``vmap`` over learning rates of the sharded hypergradient against one device's, per rate."""
+  params = mlp_params()
+
+  def meta(lr, method):
+    out = revhyper.sgd(mlp_loss(), params, 1e-3, num_steps=NUM_STEPS, learning_rate=lr,
+                       momentum=0.9, method=method)
+    return mlp_loss()(out.params, 0.0, NUM_STEPS + 7)
+
+  sharded = revhyper.Reversible(mesh=model, param_specs=MODEL_SPECS, check_reversal=True)
+  rates = jnp.array([0.01, 0.05, 0.1])
+  got = jax.jit(jax.vmap(jax.grad(lambda lr: meta(lr, sharded))))(rates)
+  want = jnp.stack([jax.jit(jax.grad(lambda lr: meta(lr, "reversible")))(r) for r in rates])
+  return float(jnp.max(jnp.abs(got - want) / jnp.abs(want)))
 
 
 def data_parallel(devices):

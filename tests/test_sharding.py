@@ -79,6 +79,12 @@ def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
   assert checks[mode]["hypergradient_error"] <= 1e-6
 
 
+def test_vmap_of_the_sharded_hypergradient_agrees_with_one_device(checks):
+  # vmap over learning rates around a jitted, model-parallel hypergradient with the in-pass
+  # reversal check: each rate's hypergradient is the one-device run's.
+  assert checks["model"]["vmap_hypergradient_error"] <= 1e-5
+
+
 def test_data_and_model_parallel_round_trip_is_exact(checks):
   assert checks["data"]["data_and_model_round_trip_exact"]
 
