@@ -93,27 +93,11 @@ def check_concrete(learning_rate, momentum):
 
   Args:
     learning_rate, momentum: ``Schedule``s.
-
-  Returns:
-    bool: whether some momentum rounds below ``1 / d`` and will be clipped to it.
   """
   for value in learning_rate.values:
     if value is not None and not np.all(np.isfinite(value)):
       raise ValueError(f"learning_rate must be finite, got {value[~np.isfinite(value)][:5]}.")
-  clipped = False
-  for value in momentum.values:
-    if value is None:
-      continue
-    bad = ~((value >= 0) & (value <= 1))
-    if np.any(bad):
-      raise ValueError(f"momentum must lie in [0, 1], got {value[bad][:5]}.")
-    clipped |= bool(np.any(np.round(value * _bitstack.DENOMINATOR) < 1))
-  if clipped:
-    warnings.warn(
-        "momentum below 2**-17 rounds to 0, which would erase the velocity; it is clipped to "
-        "2**-16 (16 bits stored per weight per step). The gradient is that of the clipped "
-        "dynamics.", stacklevel=3)
-  return clipped
+  check_range(momentum, "momentum", 0, 1)
 
 
 def runtime_invalid(learning_rate, momentum):
@@ -141,19 +125,35 @@ def quantize_momentum(schedule):
   are computed at once (``ensure_compile_time_eval``), so that the capacity is computed from
   the very integers the run will use.
   """
-  numerators, values = [], []
+  d = _bitstack.DENOMINATOR
+  numerators, values, clipped = [], [], False
   for gamma, known in zip(schedule.arrays, schedule.values):
-    with jax.ensure_compile_time_eval():
-      n = _numerators(gamma if known is None else jnp.asarray(known))
+    n, low = _rounded_multiples(gamma, known, d, 1, d)
+    with jax.ensure_compile_time_eval():  # concrete where the value is known
+      n = n.astype(jnp.int32)
     numerators.append(n)
     values.append(_round_momentum(gamma, n))
+    clipped |= low
+  if clipped:
+    warnings.warn(
+        "momentum below 2**-17 rounds to 0, which would erase the velocity; it is clipped to "
+        "2**-16 (16 bits stored per weight per step). The gradient is that of the clipped "
+        "dynamics.", stacklevel=3)
   return Momentum(numerators, values)
 
 
-def _numerators(gamma):
-  d = _bitstack.DENOMINATOR
-  # Exact in float32 and float64: gamma * 2**16 only shifts the exponent; round is half-even.
-  return jnp.clip(jnp.round(gamma * d), 1, d).astype(jnp.int32)
+def _rounded_multiples(x, known, scale, low, high):
+  """``round(x * scale)`` clipped to ``[low, high]``, and whether a known value was clipped.
+
+  Computed from the value known at trace time where there is one (at once, so that the
+  capacity is computed from the very integers the run uses), else traced. Exact in float32
+  and float64: multiplying by a power of two only shifts the exponent; round is half-even.
+  """
+  with jax.ensure_compile_time_eval():
+    rounded = jnp.round((x if known is None else jnp.asarray(known)) * float(scale))
+    multiples = jnp.clip(rounded, low, high)
+    clipped = known is not None and bool(jnp.any(multiples != rounded))
+  return multiples, clipped
 
 
 @jax.custom_jvp
@@ -210,15 +210,15 @@ def quantize_decay(amounts, name):
   Returns:
     a ``Decay``.
   """
+  d = 2**DECAY_BITS
   numerators, values, clipped = [], [], False
   for c, known in zip(amounts.arrays, amounts.values):
-    with jax.ensure_compile_time_eval():
-      n = _decay_numerators(c if known is None else jnp.asarray(known))
-    if known is not None:
-      clipped |= bool(np.any(np.round(np.asarray(known, np.float64) * 2.0**DECAY_BITS)
-                             > 2**DECAY_BITS - _DECAY_FLOOR))
+    m, high = _rounded_multiples(c, known, d, 0, d - _DECAY_FLOOR)
+    with jax.ensure_compile_time_eval():  # concrete where the value is known
+      n = jnp.uint32(d) - m.astype(jnp.uint32)
     numerators.append(n)
     values.append(_round_amount(c, n))
+    clipped |= high
   if clipped:
     warnings.warn(f"{name} rounds to a factor below 2**-8, which the exact arithmetic cannot "
                   "hold; it is clipped to 2**-8 (8 bits stored per weight per step). The "
@@ -232,13 +232,6 @@ def combine(op, *schedules):
   values = [None if any(v is None for v in vs) else op(*vs)
             for vs in zip(*(s.values for s in schedules))]
   return Schedule(arrays, values)
-
-
-def _decay_numerators(c):
-  d = 2**DECAY_BITS
-  # Exact in float32 and float64: c * 2**31 only shifts the exponent; round is half-even.
-  m = jnp.clip(jnp.round(c * float(d)), 0, d - _DECAY_FLOOR)
-  return jnp.uint32(d) - m.astype(jnp.uint32)
 
 
 def _round_amount(c, numerators):
