@@ -204,9 +204,10 @@ def _gradient(config, w_leaves, hparams, t, form, tangent=None):
 
   ``FENCED`` and ``LINEARIZED`` put ``lax.optimization_barrier`` on the subgraph's inputs and
   all its outputs, so that XLA compiles it identically in the forward and the reverse loop, a
-  condition of bit-exact reversal. The forward loop of ``LINEARIZED``
-  passes an opaque zero tangent: it computes and discards the products, so that its program is
-  the reverse loop's.
+  condition of bit-exact reversal. The forward loop of ``LINEARIZED`` computes and discards the
+  products, so that its program is the reverse loop's; its tangent is a value of the state (the
+  first slot: for SGD the velocity), not a zero, so that no compiler pass can fold it away
+  even where the fence is lowered early, and the two copies stay alike.
 
   Returns:
     ``(g, (hvp_w, hvp_h))``, the products ``None`` unless ``form`` is ``LINEARIZED``.
@@ -216,13 +217,11 @@ def _gradient(config, w_leaves, hparams, t, form, tangent=None):
       return jax.grad(config.loss_fn)(w_leaves, hparams, t), None
     # Every input crosses the fence, the step index and the tangent too: otherwise XLA can
     # fuse what produces them (t is i in the forward loop, T - 1 - i in the reverse one; the
-    # forward tangent is a known zero) into the gradient's kernels, compile or autotune them
+    # forward tangent is discarded) into the gradient's kernels, compile or autotune them
     # differently in the two loops, and change the gradient's last bits. On a GPU it did.
     if form is Gradient.FENCED:
       w_leaves, hparams, t = _barrier((w_leaves, hparams, t))
       return _barrier(jax.grad(config.loss_fn)(w_leaves, hparams, t)), None
-    if tangent is None:
-      tangent = [jnp.zeros_like(x) for x in w_leaves]
     w_leaves, hparams, t, tangent = _barrier((w_leaves, hparams, t, tangent))
     h_floats, merge = _differentiable(hparams)
     gradients = jax.grad(lambda w, h: config.loss_fn(w, merge(h), t), argnums=(0, 1))
@@ -330,10 +329,20 @@ def _weight_increment(config, coefs, slots):
   return _barrier(config.rule.weight_increment(*_barrier((coefs, slots))))
 
 
+def _discarded_tangent(config, state, form):
+  """The tangent of a ``LINEARIZED`` gradient whose products are discarded (see ``_gradient``)."""
+  if form is not Gradient.LINEARIZED:
+    return None
+  slot = config.rule.slots[0]
+  return _cast(_compute_leaves(config, state.slots[0], slot.fractional_bits),
+               config.layout.dtypes)
+
+
 def _forward_step(config, hparams, form, state, step):
   rule = config.rule
   w_leaves = _float_leaves(config, state.w)
-  g, _ = _gradient(config, w_leaves, hparams, step.t, form)
+  g, _ = _gradient(config, w_leaves, hparams, step.t, form,
+                   _discarded_tangent(config, state, form))
   slot_stack, slots = _decay(state.stacks[0], _flat(state.slots),
                              _flat(step.numerators), _slot_bits(config), _stack_shards(config)[0])
   slots, checks = list(_unflat(slots, len(rule.slots))), []
@@ -385,7 +394,8 @@ def _undo_slots(config, state, g, step):
 def _reverse_step(config, hparams, form, state, step):
   """Undoes ``_forward_step`` exactly."""
   state, _ = _undo_weights(config, state, step)
-  g, _ = _gradient(config, _float_leaves(config, state.w), hparams, step.t, form)
+  g, _ = _gradient(config, _float_leaves(config, state.w), hparams, step.t, form,
+                   _discarded_tangent(config, state, form))
   return _undo_slots(config, state, g, step)
 
 
