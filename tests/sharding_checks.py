@@ -7,7 +7,8 @@ The number of host devices is fixed when JAX starts, and the test process has on
 Modes (each also checks the bit stack alone: sharded, its heads and values equal the unsharded
 stack's bit for bit, and it pops back to empty):
   model   weights split over DEVICES devices: an exact round trip, and a hypergradient (with the
-          in-pass reversal check) that agrees with the single-device run.
+          in-pass reversal check) that agrees with the single-device run, also under vmap;
+          the same for AdamW and for SGD with weight decay.
   data    the batch split over DEVICES devices, weights replicated: the same hypergradient; and a
           round trip on a 2 x DEVICES / 2 mesh ("data", "model").
   layout  compile only: per-device temporaries of exact training on meshes of 1 ... DEVICES
@@ -157,6 +158,36 @@ def model_parallel(devices):
                           check_reversal=True)
   out["hypergradient_error"] = relative_error(sharded, reference)
   out["vmap_hypergradient_error"] = vmapped_hypergradient_error(model)
+  out["optimizers"] = other_optimizers(model)
+  return out
+
+
+def other_optimizers(model):
+  """AdamW (two moments, the weights' decay stack) and SGD with weight decay, model-parallel:
+  exact round trips, and hypergradients with the in-pass check against one device."""
+  params = mlp_params()
+  # The decays are traced under jit (lr * weight_decay): min_momentum bounds them.
+  sharded = dict(mesh=model, param_specs=MODEL_SPECS, min_momentum=0.8)
+  runs = {"adamw": (revhyper.adam, dict(learning_rate=0.01, weight_decay=0.1)),
+          "sgd_weight_decay": (revhyper.sgd, dict(learning_rate=LEARNING_RATE, momentum=0.9,
+                                                   weight_decay=0.1))}
+  out = {}
+  for name, (train, kwargs) in runs.items():
+    trip = revhyper.round_trip(mlp_loss(), params, 1e-3, num_steps=NUM_STEPS,
+                               optimizer="adam" if train is revhyper.adam else "sgd",
+                               method=revhyper.Reversible(**sharded), **kwargs)
+
+    def meta(h, method, train=train, kwargs=kwargs):
+      out = train(mlp_loss(), params, h["l2"], num_steps=NUM_STEPS,
+                  **dict(kwargs, learning_rate=h["lr"]), method=method)
+      return mlp_loss()(out.params, 0.0, NUM_STEPS + 7)
+
+    h = {"l2": jnp.float32(1e-3), "lr": jnp.float32(kwargs["learning_rate"])}
+    one = jax.jit(jax.grad(lambda h: meta(h, revhyper.Reversible(min_momentum=0.8))))(h)
+    many = jax.jit(jax.grad(lambda h: meta(
+        h, revhyper.Reversible(**sharded, check_reversal=True))))(h)
+    out[name] = {"round_trip_exact": bool(trip.exact),
+                 "hypergradient_error": relative_error(many, one)}
   return out
 
 
