@@ -88,7 +88,7 @@ def empty(lane_shapes, capacity_chunks, k=HEAD_LOW_BITS, shards=None):
         bound=jnp.asarray(2.0**k, jnp.float64),
     )
   devices = shards.num_devices
-  per_device = lambda x: jax.lax.with_sharding_constraint(x, shards.named(shards.device_spec))
+  per_device = lambda x: shards.lay_out(x, shards.device_spec)
   return BitStack(
       head=_sharding.constrain(head, shards),
       tail=per_device(jnp.zeros((devices, capacity_chunks), jnp.uint32)),

@@ -748,6 +748,10 @@ _run.defvjp(_run_fwd, _run_bwd)
 
 def run(config, params, slots, hparams, steps, invalid):
   """Trains exactly; differentiable in params, slots, hparams and the schedules."""
+  # Laid out as the state will be, outside the custom_vjp: its cotangents come back in this
+  # layout (with Explicit mesh axes they must have their primals' types).
+  params = _sharding.constrain(params, config.shards)
+  slots = tuple(_sharding.constrain(x, config.shards) for x in slots)
   try:
     return _run(config, params, slots, hparams, steps, invalid)
   except TypeError as e:

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
@@ -45,6 +46,17 @@ class Shards:
 
   def named(self, spec):
     return NamedSharding(self.mesh, spec)
+
+  @property
+  def explicit(self):
+    """The mesh's axes are ``Explicit``: the layout is part of the arrays' types."""
+    return any(t == AxisType.Explicit for t in self.mesh.axis_types)
+
+  def lay_out(self, x, spec):
+    """``x`` laid out by ``spec``: a constraint on Auto axes, a reshard on Explicit ones."""
+    if self.explicit:
+      return jax.sharding.reshard(x, self.named(spec))
+    return jax.lax.with_sharding_constraint(x, self.named(spec))
 
   def local_shapes(self, shapes):
     """The block of each leaf that one device holds."""
@@ -96,6 +108,48 @@ def make(mesh, specs, shapes):
   return Shards(mesh, specs)
 
 
+def explicit_layout(x):
+  """``x``'s sharding where its type carries one (a mesh with ``Explicit`` axes), else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return None
+  return sharding
+
+
+def like(x, reference):
+  """``x`` laid out as ``reference`` where the reference's type carries an Explicit layout.
+
+  Arrays that enter one training scan together (weights and optimizer states) must then have
+  equal types; a state made by revhyper, or passed in another layout, is resharded to the
+  weights'. Without Explicit axes the layout is XLA's to propagate, and ``x`` is returned.
+  """
+  sharding = explicit_layout(reference)
+  if sharding is None or explicit_layout(x) == sharding:
+    return x
+  return jax.sharding.reshard(x, sharding)
+
+
+def from_types(leaves, shapes):
+  """The layout that the leaves' types carry (Explicit mesh axes), as ``Shards``; else None.
+
+  Explicitly sharded parameters fix the state's layout: it must follow theirs, since the
+  weights' types enter the training scan.
+
+  Raises:
+    ValueError: leaves laid out on different meshes.
+  """
+  layouts = [explicit_layout(x) for x in leaves]
+  meshes = {s.mesh for s in layouts if s is not None}
+  if not meshes:
+    return None
+  if len(meshes) > 1:
+    raise ValueError(f"params are laid out on different meshes ({meshes}); revhyper lays out "
+                     "its state on one mesh: reshard them onto one.")
+  specs = [PartitionSpec() if s is None else s.spec for s in layouts]
+  return make(meshes.pop(), specs, shapes)
+
+
 def local_sizes(shapes, shards):
   """Lanes per leaf on one device: the whole leaf without sharding."""
   if shards is not None:
@@ -113,8 +167,7 @@ def constrain(leaves, shards):
   """Lays each parameter-shaped array out by its leaf's spec (a no-op without sharding)."""
   if shards is None:
     return leaves
-  return [jax.lax.with_sharding_constraint(x, shards.named(spec))
-          for x, spec in zip(leaves, shards.specs)]
+  return [shards.lay_out(x, spec) for x, spec in zip(leaves, shards.specs)]
 
 
 def per_device(fn, shards, in_specs, out_specs):

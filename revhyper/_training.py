@@ -56,6 +56,9 @@ class Reversible:
       gradient path itself; use it once on a new problem or backend.
     mesh: a ``jax.sharding.Mesh`` to lay the exact state out on (see README, "Scaling"); each
       device keeps the lanes of the weights it holds and a bit stack of its own, sized for them.
+      Its axes may be ``Auto`` or ``Explicit`` (``jax.make_mesh``'s default). Parameters laid
+      out on a mesh with ``Explicit`` axes carry their layout in their types: without ``mesh``
+      the state is then laid out like them.
     param_specs: with ``mesh``, how the parameters are split: one ``PartitionSpec`` for every
       leaf, or a pytree like ``params`` of ``PartitionSpec`` (``None`` leaves: replicated).
       Default: every leaf replicated (data parallelism). Each sharded dimension must split
@@ -80,10 +83,8 @@ class Reversible:
       return
     if not isinstance(self.mesh, jax.sharding.Mesh):
       raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}.")
-    if any(t != jax.sharding.AxisType.Auto for t in self.mesh.axis_types):
-      # Explicit axes put the layout into the arrays' types, which would take reshards here.
-      raise ValueError(f"mesh axes must be Auto (jax.make_mesh(..., axis_types=(AxisType.Auto,"
-                       f" ...)) or jax.sharding.Mesh(devices, names)), got "
+    if len(set(self.mesh.axis_types)) > 1:
+      raise ValueError(f"mesh axes must be all Auto or all Explicit, got "
                        f"{self.mesh.axis_types}.")
     is_spec = lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)
     leaves, treedef = jax.tree_util.tree_flatten(self.param_specs, is_leaf=is_spec)
@@ -248,7 +249,7 @@ def flatten_params(params):
 def flatten_like(tree, leaves, treedef, name):
   """An optimizer state ``tree`` (zeros if None) as leaves matching the parameter leaves."""
   if tree is None:
-    return [jnp.zeros_like(x) for x in leaves]
+    return [_sharding.like(jnp.zeros_like(x), x) for x in leaves]
   _check_float_tree(tree, name)
   tree = jax.tree_util.tree_map(_strong, tree)
   state_leaves, state_treedef = jax.tree_util.tree_flatten(tree)
@@ -260,7 +261,7 @@ def flatten_like(tree, leaves, treedef, name):
       raise ValueError(f"{name} leaves must match params in shape and dtype: got "
                        f"{jnp.shape(v)} {jnp.result_type(v)} for {jnp.shape(p)} "
                        f"{jnp.result_type(p)}.")
-  return state_leaves
+  return [_sharding.like(v, p) for v, p in zip(state_leaves, leaves)]
 
 
 def close_loss(loss_fn, leaves, treedef, hparams):
@@ -339,8 +340,13 @@ def _capacity_chunks(method, problem, layout, shards=None):
 
 def _shards(method, problem, layout):
   """The method's mesh and specs, one spec per parameter leaf, checked; None without a mesh."""
+  typed = _sharding.from_types(problem.params, layout.shapes)
   if method.mesh is None:
-    return None
+    return typed
+  if typed is not None and not _sharding.Shards(method.mesh, ()).explicit:
+    raise ValueError("params are laid out on a mesh with Explicit axes, but Reversible's mesh "
+                     "has Auto axes; give it the params' mesh (or no mesh: the state is then "
+                     "laid out like the params).")
   treedef, specs = method._spec_leaves  # pylint: disable=protected-access
   if treedef.num_leaves == 1 and treedef.num_nodes == 1:  # one spec (or None) for every leaf
     specs = specs * len(layout.shapes)

@@ -9,8 +9,9 @@ stack's bit for bit, and it pops back to empty):
   model   weights split over DEVICES devices: an exact round trip, and a hypergradient (with the
           in-pass reversal check) that agrees with the single-device run, also under vmap;
           the same for AdamW and for SGD with weight decay.
-  data    the batch split over DEVICES devices, weights replicated: the same hypergradient; and a
-          round trip on a 2 x DEVICES / 2 mesh ("data", "model").
+  data    the batch split over DEVICES devices, weights replicated: the same hypergradient; a
+          round trip on a 2 x DEVICES / 2 mesh ("data", "model"); and parameters on a mesh
+          with Explicit axes.
   layout  compile only: per-device temporaries of exact training on meshes of 1 ... DEVICES
           devices, and the collectives in the compiled hypergradient programs.
 """
@@ -220,6 +221,48 @@ def data_parallel(devices):
       mlp_loss(both), mlp_params(), 1e-3, num_steps=NUM_STEPS, learning_rate=LEARNING_RATE,
       momentum=0.9, method=revhyper.Reversible(mesh=both, param_specs=MODEL_SPECS))
   out["data_and_model_round_trip_exact"] = bool(trip.exact)
+  out["explicit"] = explicit_axes(devices)
+  return out
+
+
+def explicit_axes(devices):
+  """Parameters laid out on a mesh with Explicit axes (``jax.make_mesh``'s default): every
+  method, with the layout taken from the parameters' types or given; no mesh context."""
+  mesh = jax.make_mesh((devices,), ("model",))
+  assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  params = jax.device_put(mlp_params(), {
+      k: NamedSharding(mesh, P() if s is None else s) for k, s in MODEL_SPECS.items()})
+
+  def loss(p, l2, t):
+    # A product over the split hidden units is summed explicitly: with Explicit axes, a
+    # matrix product over a sharded dimension needs its output layout named (out_sharding).
+    x, y = batch(t)
+    hidden = jnp.tanh(x @ p["w1"] + p["b1"])
+    out = jnp.sum(hidden[:, :, None] * p["w2"], axis=1) + p["b2"]
+    return jnp.mean((out - y) ** 2) + l2 * jnp.sum(p["w1"] ** 2)
+
+  # The parameters are arguments, so that jit takes its devices from them (closed over, they
+  # would need the mesh as context: jax.set_mesh).
+  def meta(h, params, method, optimizer):
+    kwargs = dict(momentum=0.9) if optimizer == "sgd" else {}
+    out = getattr(revhyper, optimizer)(loss, params, h["l2"], num_steps=NUM_STEPS,
+                                       learning_rate=h["lr"], method=method, **kwargs)
+    return loss(out.params, 0.0, NUM_STEPS + 7), out.params["w1"]
+
+  h = {"l2": jnp.float32(1e-3), "lr": jnp.float32(0.01)}
+  given = revhyper.Reversible(mesh=mesh, param_specs=MODEL_SPECS, check_reversal=True)
+  out = {}
+  for optimizer, methods in [("sgd", {"typed": "reversible", "given": given}),
+                             ("adam", {"given": given})]:
+    grad = jax.jit(jax.grad(meta, has_aux=True), static_argnums=(2, 3))
+    want, _ = grad(h, params, "unroll", optimizer)
+    for name, method in methods.items():
+      got, w1 = grad(h, params, method, optimizer)
+      out[f"{optimizer}_{name}_error"] = relative_error(got, want)
+      out[f"{optimizer}_{name}_w1_type"] = str(jax.typeof(w1))
+  trip = revhyper.round_trip(loss, params, 1e-3, num_steps=NUM_STEPS,
+                             learning_rate=LEARNING_RATE, momentum=0.9)
+  out["round_trip_exact"] = bool(trip.exact)
   return out
 
 

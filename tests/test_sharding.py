@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import revhyper
@@ -94,6 +96,20 @@ def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, opti
   assert result["hypergradient_error"] <= 1e-6
 
 
+@pytest.mark.parametrize("run", ["sgd_typed", "sgd_given", "adam_given"])
+def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
+  # jax.make_mesh's default axes are Explicit: the layout is in the arrays' types. Reversible
+  # takes it from the parameters ("typed") or from mesh and param_specs ("given", with the
+  # in-pass reversal check); both agree with unroll and keep the weights' layout.
+  explicit = checks["data"]["explicit"]
+  assert explicit[f"{run}_error"] <= 1e-5
+  assert explicit[f"{run}_w1_type"] == "float32[16,64@model]"
+
+
+def test_explicit_axes_round_trip_is_exact(checks):
+  assert checks["data"]["explicit"]["round_trip_exact"]
+
+
 def test_data_and_model_parallel_round_trip_is_exact(checks):
   assert checks["data"]["data_and_model_round_trip_exact"]
 
@@ -147,7 +163,9 @@ def test_methods_with_equal_layouts_are_equal_and_hash_alike():
 @pytest.mark.parametrize("make, pattern", [
     (lambda mesh: revhyper.Reversible(param_specs=P("x")), "needs a mesh"),
     (lambda mesh: revhyper.Reversible(mesh="x"), "must be a jax.sharding.Mesh"),
-    (lambda mesh: revhyper.Reversible(mesh=jax.make_mesh((1,), ("x",))), "must be Auto"),
+    (lambda mesh: revhyper.Reversible(mesh=jax.make_mesh(
+        (1, 1), ("x", "y"), axis_types=(AxisType.Auto, AxisType.Explicit))),
+     "all Auto or all Explicit"),
 ])
 def test_bad_layout_raises_at_construction(make, pattern):
   mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
@@ -168,6 +186,16 @@ def test_bad_param_specs_raise_a_clear_error(specs, pattern):
   with pytest.raises(ValueError, match=pattern):
     revhyper.sgd(loss, params, 0.3, num_steps=3, learning_rate=0.1, momentum=0.9,
                  method=revhyper.Reversible(mesh=mesh, param_specs=specs))
+
+
+def test_explicitly_laid_out_params_with_an_auto_mesh_raise_a_clear_error():
+  loss, params = _problem()
+  explicit = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,))
+  params = jax.device_put(params, NamedSharding(explicit, P()))
+  auto = Mesh(np.array(jax.devices()[:1]), ("x",))
+  with pytest.raises(ValueError, match="Explicit axes, but Reversible's mesh has Auto"):
+    revhyper.sgd(loss, params, 0.3, num_steps=3, learning_rate=0.1, momentum=0.9,
+                 method=revhyper.Reversible(mesh=auto))
 
 
 def test_readme_scaling_example_runs_on_eight_devices():
