@@ -88,6 +88,12 @@ class Pool:
         self._waiting -= 1
       return {name: self._done[key] for name, key in names.items()}
 
+  def cpu_seconds(self):
+    """{key: CPU seconds} of the finished jobs, the longest first."""
+    with self._cond:
+      done = sorted(self._done.items(), key=lambda kv: -kv[1].cpu_seconds)
+      return {key: d.cpu_seconds for key, d in done}
+
   def close(self):
     """Stops the scheduler and kills what is still running (a session cut short)."""
     with self._cond:

@@ -19,11 +19,26 @@ def pytest_collection_modifyitems(items):
   items.sort(key=_has_jobs)
 
 
+_POOLS = []
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_jobs(request, tmp_path_factory):
   """Starts the jobs of every selected module that has some, in the order the modules run."""
   pool = background.Pool(tmp_path_factory.mktemp)
+  _POOLS.append(pool)
   for module in dict.fromkeys(item.module for item in request.session.items if _has_jobs(item)):
     pool.start(module.jobs)
   yield pool
   pool.close()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  # Beside --durations: the CPU time of each background job (its wall time depends on what
+  # ran beside it).
+  if config.option.durations is None or not _POOLS:
+    return
+  jobs = _POOLS[0].cpu_seconds()
+  terminalreporter.write_sep("=", f"background jobs: {sum(jobs.values()):.0f} CPU-s")
+  for key, seconds in list(jobs.items())[:config.option.durations or None]:
+    terminalreporter.write_line(f"{seconds:.2f}s cpu  {key}")

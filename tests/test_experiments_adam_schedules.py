@@ -2,14 +2,16 @@
 
 import pytest
 
-from launchers import assert_finite, assert_png, launcher, quick, read_results, succeeded
+from launchers import (FAST_COMPILE, assert_finite, assert_png, launcher, quick, read_results,
+                       succeeded)
 
 TINY = quick("adam_schedules.py", "layer_sizes=784,10,10", "num_steps=5", "batch_size=50",
              "split=300,100,100", "meta_iterations=2", "eval_seeds=2", "grid=1e-3,1e-2")
 
 
 def jobs(folder):
-  return {"tiny": launcher("adam_schedules.py", folder("adam_schedules"), TINY)}
+  return {"tiny": launcher("adam_schedules.py", folder("adam_schedules"), TINY,
+                          env=FAST_COMPILE)}
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from launchers import (assert_finite, assert_png, claimed_quick_seconds, launcher, quick,
-                       read_results, succeeded)
+from launchers import (FAST_COMPILE, assert_finite, assert_png, claimed_quick_seconds, launcher,
+                       quick, read_results, succeeded)
 
 SCHEMA = "revhyper.experiments.results/2"
 
@@ -47,20 +47,22 @@ def fake_omniglot(folder):
 
 
 def jobs(folder):
-  """Every launcher's quick preset, and two variants; the longest first (tests/background.py)."""
+  """Every launcher's quick preset, and two variants (compiled fast: their CPU time is not
+  checked); the longest first (tests/background.py)."""
   omniglot = fake_omniglot(folder("omniglot"))
   jobs = {
       "multitask": launcher("multitask.py", folder("multitask"), quick("multitask.py")),
       "multitask_omniglot": launcher(
           "multitask.py", folder("multitask_omniglot"),
           quick("multitask.py", f"omniglot_dir={omniglot}", "meta_iterations=1", "eval_seeds=2",
-                "baseline_log_l2_grid=(-4.0,)", "num_steps=3")),
+                "baseline_log_l2_grid=(-4.0,)", "num_steps=3"), env=FAST_COMPILE),
   }
   for name in ("l2_per_weight", "learn_data", "chaos"):
     jobs[name] = launcher(f"{name}.py", folder(name), quick(f"{name}.py"))
   # The chaos grid reaches learning rates that diverge: they must be flagged, not fatal.
   jobs["chaos_diverging"] = launcher("chaos.py", folder("chaos_diverging"), quick(
-      "chaos.py", "num_rates=6", "chunk=6", "log_rate_max=14.0", "num_steps=5"))
+      "chaos.py", "num_rates=6", "chunk=6", "log_rate_max=14.0", "num_steps=5"),
+      env=FAST_COMPILE)
   jobs["toy_valley"] = launcher("toy_valley.py", folder("toy_valley"), quick("toy_valley.py"))
   return jobs
 

@@ -1,10 +1,10 @@
 """End-to-end tests of the schedule experiments: each launcher, resume, the notebook.
 
 The launchers run as subprocesses (their absl flags stay out of this process) in their quick
-presets, beside the other tests (tests/background.py). The tests check the science: the reseeded meta-run lowers the held-out
-training loss on seeds it never saw; a resumed run repeats an uninterrupted one bit for bit;
-the seed-averaged hypergradients match plain backprop; and each quick run finishes within the
-time its docstring states.
+presets, beside the other tests (tests/background.py). The tests check the science: the
+reseeded meta-run lowers the held-out training loss on seeds it never saw; a resumed run
+repeats an uninterrupted one bit for bit; the seed-averaged hypergradients match plain
+backprop; and each quick run finishes within the time its docstring states.
 """
 
 import re
