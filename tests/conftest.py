@@ -11,7 +11,7 @@ import background  # noqa: E402  (its pool copies the environment set above)
 
 
 def _has_jobs(item):
-  return hasattr(getattr(item, "module", None), "jobs")
+  return callable(getattr(getattr(item, "module", None), "jobs", None))
 
 
 def pytest_collection_modifyitems(items):
