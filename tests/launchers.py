@@ -1,28 +1,34 @@
 """What the launcher smoke tests share: running a launcher and checking what it wrote.
 
-Each launcher runs as a subprocess, so that its absl flags stay out of the test process.
+Each launcher runs as a subprocess, so that its absl flags stay out of the test process: a job
+of the session's background pool (tests/background.py), whose result holds the process's own
+CPU time (user and system, interpreter start and imports included), which other processes on
+a shared machine change far less than its wall time.
 """
 
 import ast
 import json
 import math
-import os
 import pathlib
 import re
-import subprocess
 import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from background import REPO, Job
+
 EXPERIMENTS = REPO / "experiments"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The environment of runs whose CPU time is not checked and whose checks do not depend on how
+# XLA compiles by default (bit-exactness does): XLA's backend optimisation level 0 compiles in
+# about half the time; the last bits of float results may differ.
+FAST_COMPILE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
+                             "--xla_backend_optimization_level=0"}
 
 
-def start_launcher(script, out_dir, flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT):
-  """Starts ``experiments/<script>`` with ``--out_dir`` and ``flags``; returns the process."""
-  return subprocess.Popen(
-      [sys.executable, str(EXPERIMENTS / script), f"--out_dir={out_dir}", *flags], cwd=REPO,
-      stdout=stdout, stderr=stderr, text=True)
+def launcher(script, out_dir, flags, **job):
+  """The job that runs ``experiments/<script>`` with ``--out_dir`` and ``flags``; ``job``:
+  more fields of ``background.Job`` (env, after, before)."""
+  return Job([sys.executable, str(EXPERIMENTS / script), f"--out_dir={out_dir}", *flags],
+             out_dir=pathlib.Path(out_dir), **job)
 
 
 def quick(script, *overrides):
@@ -41,44 +47,14 @@ def claimed_quick_seconds(script):
   return int(match.group(1))
 
 
-def run_all(jobs, parallel=2, timeout=600):
-  """Runs ``{name: (script, out_dir, flags)}``, at most ``parallel`` at once (one per core).
-
-  Returns ``{name: (out_dir, returncode, output, cpu_seconds)}``: cpu_seconds is the user and
-  system time of the launcher's process (interpreter start and imports included), which other
-  processes on a shared machine change far less than its wall time.
-  """
-  pending, running, done = list(jobs.items()), {}, {}
-  while pending or running:
-    while pending and len(running) < parallel:
-      name, (script, out_dir, flags) = pending.pop(0)
-      log = open(pathlib.Path(out_dir).parent / f"{pathlib.Path(out_dir).name}.log", "w+")
-      running[name] = (start_launcher(script, out_dir, flags, stdout=log, stderr=log),
-                       out_dir, log, time.monotonic())
-    time.sleep(0.2)
-    for name, (proc, out_dir, log, started) in list(running.items()):
-      # wait4 reaps the process and reports its own resource usage.
-      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-      if pid == 0:
-        if time.monotonic() - started > timeout:
-          proc.kill()
-        continue
-      proc.returncode = os.waitstatus_to_exitcode(status)
-      log.seek(0)
-      done[name] = (out_dir, proc.returncode, log.read(), usage.ru_utime + usage.ru_stime)
-      log.close()
-      del running[name]
-  return done
+def succeeded(done):
+  """Asserts a finished job (tests/background.py) exited cleanly; returns its out_dir."""
+  assert done.returncode == 0, done.output[-4000:]
+  return done.out_dir
 
 
-def finish(proc, timeout):
-  """Waits for a process from ``start_launcher`` and asserts it succeeded."""
-  output, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, output[-4000:]
-
-
-def read_results(out_dir):
-  with open(pathlib.Path(out_dir) / "results.json") as f:
+def read_results(out_dir, name="results.json"):
+  with open(pathlib.Path(out_dir) / name) as f:
     return json.load(f)
 
 

@@ -11,10 +11,11 @@ import json
 import math
 import os
 import struct
-import subprocess
 import sys
 
 import pytest
+
+from background import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "benchmark.py")
@@ -26,17 +27,22 @@ MEMORY_LIMIT_GB = 0.012
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def jobs(folder):
+  out_dir = folder("benchmark")
+  return {"quick": Job(
+      [sys.executable, SCRIPT, "--quick", f"--out_dir={out_dir}", "--sizes=784,8,10",
+       "--steps=" + ",".join(map(str, STEPS)), "--methods=" + ",".join(METHODS),
+       f"--memory_limit_gb={MEMORY_LIMIT_GB}", "--nomeasure_rss"], out_dir=out_dir,
+      timeout=300)}
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("benchmark")
-  command = [sys.executable, SCRIPT, "--quick", f"--out_dir={out_dir}", "--sizes=784,8,10",
-             "--steps=" + ",".join(map(str, STEPS)), "--methods=" + ",".join(METHODS),
-             f"--memory_limit_gb={MEMORY_LIMIT_GB}", "--nomeasure_rss"]
-  proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(out_dir / "results.json") as f:
+def run(background_jobs):
+  done = background_jobs.results(jobs)["quick"]
+  assert done.returncode == 0, done.stderr[-4000:]
+  with open(done.out_dir / "results.json") as f:
     results = json.load(f)
-  return out_dir, results, proc.stdout
+  return done.out_dir, results, done.stdout
 
 
 def test_results_record_the_machine_and_configuration(run):

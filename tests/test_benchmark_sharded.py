@@ -7,20 +7,26 @@ network: four compiles and three short runs, about half a minute on two cores.
 
 import json
 import os
-import subprocess
 import sys
+
+from background import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "benchmark_sharded.py")
 
 
-def test_quick_run_writes_plans_times_and_errors(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)  # conftest.py's one device must not reach the launcher
-  proc = subprocess.run([sys.executable, SCRIPT, "--quick", f"--out_dir={tmp_path}"], env=env,
-                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+def jobs(folder):
+  out_dir = folder("benchmark_sharded")
+  # conftest.py's one device must not reach the launcher: XLA_FLAGS is unset.
+  return {"quick": Job([sys.executable, SCRIPT, "--quick", f"--out_dir={out_dir}"],
+                       out_dir=out_dir, env={"PYTHONPATH": ROOT, "XLA_FLAGS": None},
+                       timeout=300)}
+
+
+def test_quick_run_writes_plans_times_and_errors(background_jobs):
+  proc = background_jobs.results(jobs)["quick"]
   assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(tmp_path / "results.json") as f:
+  with open(proc.out_dir / "results.json") as f:
     results = json.load(f)
   assert results["complete"] is True
   assert results["machine"]["num_devices"] == 8 and results["config"]["devices"] == 8

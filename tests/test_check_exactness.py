@@ -5,17 +5,20 @@ import math
 import pathlib
 import sys
 
-from launchers import finish, read_results, start_launcher
+from launchers import launcher, read_results, succeeded
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 FLAGS = "--xla_backend_optimization_level=0"
 
 
-def test_check_exactness_quick_under_added_xla_flags(tmp_path):
-  # A flag set that this process was not started with runs the checks in a fresh process.
-  finish(start_launcher("check_exactness.py", tmp_path, ["--quick", f"--xla_flag_sets={FLAGS}"]),
-         timeout=600)
-  report = read_results(tmp_path)
+def jobs(folder):
+  # A flag set that the launcher was not started with runs the checks in a fresh process.
+  return {"quick": launcher("check_exactness.py", folder("check_exactness"),
+                            ["--quick", f"--xla_flag_sets={FLAGS}"])}
+
+
+def test_check_exactness_quick_under_added_xla_flags(background_jobs):
+  report = read_results(succeeded(background_jobs.results(jobs)["quick"]))
   assert report["all_exact"] is True
   (run,) = report["runs"]
   assert run["added_xla_flags"] == FLAGS and FLAGS in run["xla_flags"]

@@ -1,26 +1,29 @@
 """The documentation builds without a warning and shows every how-to script and public name."""
 
 import pathlib
-import subprocess
 import sys
 import types
 
 import revhyper
+from background import Job
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def test_docs_build_with_warnings_as_errors(tmp_path):
+def jobs(folder):
   # -n (nitpicky) turns every unresolved reference to revhyper's API into a warning, and -W
   # a warning into a failure: a renamed function or a broken docstring fails here.
-  build = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-b", "html",
-       str(DOCS), str(tmp_path / "html")],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  html = folder("docs") / "html"
+  return {"html": Job([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-b",
+                       "html", str(DOCS), str(html)], out_dir=html, timeout=300)}
+
+
+def test_docs_build_with_warnings_as_errors(background_jobs):
+  build = background_jobs.results(jobs)["html"]
   assert build.returncode == 0, build.stdout + build.stderr
   for page in ("index", "how_it_works", "api/core", "howto/flax_nnx"):
-    assert (tmp_path / "html" / f"{page}.html").is_file(), page
+    assert (build.out_dir / f"{page}.html").is_file(), page
 
 
 def test_every_howto_script_is_included_by_a_page():

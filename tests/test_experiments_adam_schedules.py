@@ -2,16 +2,21 @@
 
 import pytest
 
-from launchers import assert_finite, assert_png, finish, quick, read_results, start_launcher
+from launchers import (FAST_COMPILE, assert_finite, assert_png, launcher, quick, read_results,
+                       succeeded)
 
 TINY = quick("adam_schedules.py", "layer_sizes=784,10,10", "num_steps=5", "batch_size=50",
              "split=300,100,100", "meta_iterations=2", "eval_seeds=2", "grid=1e-3,1e-2")
 
 
+def jobs(folder):
+  return {"tiny": launcher("adam_schedules.py", folder("adam_schedules"), TINY,
+                          env=FAST_COMPILE)}
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("adam_schedules")
-  finish(start_launcher("adam_schedules.py", out_dir, TINY), timeout=600)
+def run(background_jobs):
+  out_dir = succeeded(background_jobs.results(jobs)["tiny"])
   return out_dir, read_results(out_dir)
 
 

@@ -1,12 +1,12 @@
 """End-to-end tests of the figure 1, 8, 9, 10 and 11 launchers in their quick presets.
 
 Each launcher runs as a subprocess (its absl flags stay out of this process) with
-``--config=experiments/configs/<launcher>.py:quick``, two at a time (one per core), and the
-tests check the science the launcher claims, not only its files: meta-learning lowers the
-held-out loss, learned task sharing beats the paper's tied baseline on validation, the chaos
-sweep's hypergradients match finite differences at small learning rates and diverging runs are
-flagged without stopping the sweep; and each run stays within the CPU time its docstring
-states.
+``--config=experiments/configs/<launcher>.py:quick``, beside the other tests
+(tests/background.py), and the tests check the science the launcher claims, not only its
+files: meta-learning lowers the held-out loss, learned task sharing beats the paper's tied
+baseline on validation, the chaos sweep's hypergradients match finite differences at small
+learning rates and diverging runs are flagged without stopping the sweep; and each run stays
+within the CPU time its docstring states.
 The multitask launcher also runs on a miniature Omniglot written in the archives' layout.
 """
 
@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from launchers import (assert_finite, assert_png, claimed_quick_seconds, quick, read_results,
-                       run_all)
+from launchers import (FAST_COMPILE, assert_finite, assert_png, claimed_quick_seconds, launcher,
+                       quick, read_results, succeeded)
 
 SCHEMA = "revhyper.experiments.results/2"
 
@@ -46,31 +46,43 @@ def fake_omniglot(folder):
   return folder
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Runs every launcher's quick preset; returns {name: (out_dir, rc, output, cpu_seconds)}."""
-  omniglot = fake_omniglot(tmp_path_factory.mktemp("omniglot"))
-  jobs = {name: (f"{name}.py", tmp_path_factory.mktemp(name), quick(f"{name}.py"))
-          for name in ("chaos", "multitask", "l2_per_weight", "learn_data", "toy_valley")}
+def jobs(folder):
+  """Every launcher's quick preset, and two variants (compiled fast: their CPU time is not
+  checked); the longest first (tests/background.py)."""
+  omniglot = fake_omniglot(folder("omniglot"))
+  jobs = {
+      "multitask": launcher("multitask.py", folder("multitask"), quick("multitask.py")),
+      "multitask_omniglot": launcher(
+          "multitask.py", folder("multitask_omniglot"),
+          quick("multitask.py", f"omniglot_dir={omniglot}", "meta_iterations=1", "eval_seeds=2",
+                "baseline_log_l2_grid=(-4.0,)", "num_steps=3"), env=FAST_COMPILE),
+  }
+  for name in ("l2_per_weight", "learn_data", "chaos"):
+    jobs[name] = launcher(f"{name}.py", folder(name), quick(f"{name}.py"))
   # The chaos grid reaches learning rates that diverge: they must be flagged, not fatal.
-  jobs["chaos_diverging"] = ("chaos.py", tmp_path_factory.mktemp("chaos_diverging"), quick(
-      "chaos.py", "num_rates=6", "chunk=6", "log_rate_max=14.0", "num_steps=5"))
-  jobs["multitask_omniglot"] = (
-      "multitask.py", tmp_path_factory.mktemp("multitask_omniglot"),
-      quick("multitask.py", f"omniglot_dir={omniglot}", "meta_iterations=1", "eval_seeds=2",
-            "baseline_log_l2_grid=(-4.0,)", "num_steps=3"))
-  return run_all(jobs)
+  jobs["chaos_diverging"] = launcher("chaos.py", folder("chaos_diverging"), quick(
+      "chaos.py", "num_rates=6", "chunk=6", "log_rate_max=14.0", "num_steps=5"),
+      env=FAST_COMPILE)
+  jobs["toy_valley"] = launcher("toy_valley.py", folder("toy_valley"), quick("toy_valley.py"))
+  return jobs
+
+
+@pytest.fixture(scope="module")
+def runs(background_jobs):
+  """{name: Done} of every job above."""
+  return background_jobs.results(jobs)
 
 
 def load(runs, name, script=None):
-  out_dir, returncode, output, cpu_seconds = runs[name]
-  assert returncode == 0, output[-4000:]
+  done = runs[name]
+  out_dir = succeeded(done)
   results = read_results(out_dir)
   assert results["schema"] == SCHEMA
   assert results["provenance"]["jax_version"] and results["provenance"]["backend"]
   assert results["config"] and isinstance(results["departures"], list)
   if script is not None:  # the quick preset keeps the docstring's promise
-    assert cpu_seconds <= claimed_quick_seconds(script), f"{name}: {cpu_seconds:.0f} CPU-s"
+    assert done.cpu_seconds <= claimed_quick_seconds(script), (
+        f"{name}: {done.cpu_seconds:.0f} CPU-s")
   return out_dir, results
 
 

@@ -1,21 +1,22 @@
 """End-to-end tests of the schedule experiments: each launcher, resume, the notebook.
 
 The launchers run as subprocesses (their absl flags stay out of this process) in their quick
-presets, two at a time. The tests check the science: the reseeded meta-run lowers the held-out
-training loss on seeds it never saw; a resumed run repeats an uninterrupted one bit for bit;
-the seed-averaged hypergradients match plain backprop; and each quick run finishes within the
-time its docstring states.
+presets, beside the other tests (tests/background.py). The tests check the science: the
+reseeded meta-run lowers the held-out training loss on seeds it never saw; a resumed run
+repeats an uninterrupted one bit for bit; the seed-averaged hypergradients match plain
+backprop; and each quick run finishes within the time its docstring states.
 """
 
 import re
-import subprocess
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
+from background import Job
 from launchers import (EXPERIMENTS, REPO, assert_finite, assert_png, claimed_quick_seconds,
-                       quick, read_results, run_all)
+                       launcher, quick, read_results, succeeded)
 
 NOTEBOOK = EXPERIMENTS / "explore.ipynb"
 
@@ -30,24 +31,47 @@ nbformat.write(nb, sys.argv[2])
 """
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  jobs = {
-      "schedules": ("schedules.py", tmp_path_factory.mktemp("schedules"),
-                    quick("schedules.py")),
-      "schedules_first_half": ("schedules.py", tmp_path_factory.mktemp("schedules_resumed"),
-                               quick("schedules.py", "meta_iterations=2")),
-      "seed_averaged": ("seed_averaged.py", tmp_path_factory.mktemp("seed_averaged"),
-                        quick("seed_averaged.py")),
+def jobs(folder):
+  """The launchers' quick runs, a run stopped halfway and resumed, the notebook.
+
+  The halfway run and its resumption compile the programs of the uninterrupted run, which
+  they load from its persistent compilation cache; the uninterrupted run, whose CPU time is
+  checked, compiles them itself.
+  """
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(folder("jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  started = folder("schedules_resumed")
+  notebook = folder("notebook")
+  return {
+      "schedules": launcher("schedules.py", folder("schedules"), quick("schedules.py"),
+                            env=cache),
+      "seed_averaged": launcher("seed_averaged.py", folder("seed_averaged"),
+                                quick("seed_averaged.py")),
+      "notebook": Job([sys.executable, "-c", EXECUTE_NOTEBOOK, str(NOTEBOOK),
+                       str(notebook / "explore.ipynb"), str(REPO)], out_dir=notebook),
+      "schedules_first_half": launcher("schedules.py", started,
+                                       quick("schedules.py", "meta_iterations=2"), env=cache,
+                                       after=("schedules",)),
+      # Resumed in the same folder, from the first half's checkpoint; the first half's
+      # results.json is kept aside.
+      "resumed": launcher("schedules.py", started, quick("schedules.py") + ["--resume"],
+                          env=cache, after=("schedules_first_half",),
+                          before=lambda: shutil.copy(started / "results.json",
+                                                     started / "first_half.json")),
   }
-  return run_all(jobs)
+
+
+@pytest.fixture(scope="module")
+def runs(background_jobs):
+  return background_jobs.results(jobs)
 
 
 def load(runs, name, script=None):
-  out_dir, returncode, output, cpu_seconds = runs[name]
-  assert returncode == 0, output[-4000:]
+  done = runs[name]
+  out_dir = succeeded(done)
   if script is not None:
-    assert cpu_seconds <= claimed_quick_seconds(script), f"{name}: {cpu_seconds:.0f} CPU-s"
+    assert done.cpu_seconds <= claimed_quick_seconds(script), (
+        f"{name}: {done.cpu_seconds:.0f} CPU-s")
   return out_dir, read_results(out_dir)
 
 
@@ -77,12 +101,10 @@ def test_schedules_reseeded_meta_run_lowers_the_held_out_loss(runs):
 
 def test_schedules_resume_matches_uninterrupted_run(runs):
   _, uninterrupted = load(runs, "schedules")
-  started, first_half = load(runs, "schedules_first_half")
+  started = succeeded(runs["schedules_first_half"])
+  first_half = read_results(started, "first_half.json")
   assert len(first_half["meta_loss"]) == 2
-  resumed = run_all({"resumed": ("schedules.py", started, quick("schedules.py") + ["--resume"])})
-  _, returncode, output, _ = resumed["resumed"]
-  assert returncode == 0, output[-4000:]
-  resumed = read_results(started)
+  _, resumed = load(runs, "resumed")
   assert resumed["resumed_from_iteration"] == 2
   # Resuming restores the exact arrays and the per-iteration keys: bit for bit.
   assert resumed["meta_loss"] == uninterrupted["meta_loss"]
@@ -105,12 +127,10 @@ def test_seed_averaged_hypergradient_matches_backprop(runs):
   assert_png(out_dir / "seed_averaged_hypergradients.png")
 
 
-def test_notebook_runs_top_to_bottom(tmp_path):
+def test_notebook_runs_top_to_bottom(runs):
   nbformat = pytest.importorskip("nbformat")
   pytest.importorskip("nbclient")
-  executed = tmp_path / "explore.ipynb"
-  subprocess.run([sys.executable, "-c", EXECUTE_NOTEBOOK, str(NOTEBOOK), str(executed),
-                  str(REPO)], cwd=REPO, check=True, timeout=600, capture_output=True)
+  executed = succeeded(runs["notebook"]) / "explore.ipynb"
   source = nbformat.read(NOTEBOOK, as_version=4)
   assert all(not cell.get("outputs") for cell in source.cells if cell.cell_type == "code")
   nb = nbformat.read(executed, as_version=4)

@@ -1,16 +1,15 @@
 """Sharded exact state: one bit stack per device, on 4 and 8 simulated CPU devices.
 
 JAX fixes its device count at start-up and this process has one device (conftest.py), so the
-multi-device checks run in fresh processes (``tests/sharding_checks.py``), started together and
-read back as JSON. The checks that one device can make (configuration errors, a one-device mesh
-giving the unsharded run's bits) run here.
+multi-device checks run in fresh processes (``tests/sharding_checks.py``), beside the other
+tests (tests/background.py), and are read back as JSON. The checks that one device can make
+(configuration errors, a one-device mesh giving the unsharded run's bits) run here.
 """
 
 import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -23,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import revhyper
+from background import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "sharding_checks.py")
@@ -34,24 +34,43 @@ CHECKS = {"model": 4, "data": 8, "layout": 8}
 FAST_COMPILE = {"model": True, "data": True, "layout": False}
 
 
-@pytest.fixture(scope="module")
-def checks():
-  """Runs every mode of sharding_checks.py at once, each in its own process."""
-  procs = {}
+def jobs(folder):
+  """Every mode of sharding_checks.py, each in its own process, and the README's example."""
+  specs = {}
   for mode, devices in CHECKS.items():
     flags = f"--xla_force_host_platform_device_count={devices}"
     if FAST_COMPILE[mode]:
       flags += " --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT)
-    procs[mode] = subprocess.Popen([sys.executable, SCRIPT, mode, str(devices)], env=env,
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+    env = {"XLA_FLAGS": flags, "PYTHONPATH": ROOT}
+    if mode == "model":  # it compiles the one-device hypergradient once per learning rate
+      env.update(JAX_COMPILATION_CACHE_DIR=str(folder("jax_cache")),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    specs[mode] = Job([sys.executable, SCRIPT, mode, str(devices)], env=env, timeout=300)
+  specs["readme"] = Job([sys.executable, "-c", readme_scaling_example()], timeout=300, env={
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+      "PYTHONPATH": ROOT})
+  return specs
+
+
+def readme_scaling_example():
+  """The README's scaling example, then a line printing its sharded and one-device results."""
+  readme = pathlib.Path(ROOT, "README.md").read_text()
+  section = readme[readme.index("## Scaling"):]
+  code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
+  code += "\nassert len(jax.devices()) == 8\nprint('RESULT', float(hypergrad(1e-3, sharded)), "
+  code += "float(hypergrad(1e-3, revhyper.Reversible())))\n"
+  return code
+
+
+@pytest.fixture(scope="module")
+def checks(background_jobs):
+  """What every mode of sharding_checks.py printed last, as JSON."""
   results = {}
-  for mode, proc in procs.items():
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-4000:]
-    results[mode] = json.loads(out.strip().splitlines()[-1])
-    assert results[mode]["devices"] == CHECKS[mode]
+  for mode, proc in background_jobs.results(jobs).items():
+    if mode in CHECKS:
+      assert proc.returncode == 0, proc.stderr[-4000:]
+      results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+      assert results[mode]["devices"] == CHECKS[mode]
   return results
 
 
@@ -198,16 +217,8 @@ def test_explicitly_laid_out_params_with_an_auto_mesh_raise_a_clear_error():
                  method=revhyper.Reversible(mesh=auto))
 
 
-def test_readme_scaling_example_runs_on_eight_devices():
-  readme = pathlib.Path(ROOT, "README.md").read_text()
-  section = readme[readme.index("## Scaling"):]
-  code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
-  code += "\nassert len(jax.devices()) == 8\nprint('RESULT', float(hypergrad(1e-3, sharded)), "
-  code += "float(hypergrad(1e-3, revhyper.Reversible())))\n"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-             "--xla_backend_optimization_level=0", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300, check=False)
+def test_readme_scaling_example_runs_on_eight_devices(background_jobs):
+  proc = background_jobs.results(jobs)["readme"]
   assert proc.returncode == 0, proc.stderr[-4000:]
   sharded, one = map(float, proc.stdout.split("RESULT")[1].split())
   assert sharded == pytest.approx(one, rel=1e-6)
