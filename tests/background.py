@@ -57,6 +57,7 @@ class Pool:
     self._done = {}  # key -> Done
     self._waiting = 0
     self._closed = False
+    self._times = {"started": time.monotonic()}  # and "first wait", "last done"
     self._thread = threading.Thread(target=self._loop, name="background-jobs", daemon=True)
     self._thread.start()
 
@@ -79,6 +80,7 @@ class Pool:
     """Waits for the jobs of ``jobs`` (starting them if needed): {name: Done}."""
     names = self.start(jobs)
     with self._cond:
+      self._times.setdefault("first wait", time.monotonic())
       self._waiting += 1
       self._cond.notify_all()
       try:
@@ -93,6 +95,11 @@ class Pool:
     with self._cond:
       done = sorted(self._done.items(), key=lambda kv: -kv[1].cpu_seconds)
       return {key: d.cpu_seconds for key, d in done}
+
+  def timeline(self):
+    """Seconds from the pool's start to the first wait for a job and to the last job's end."""
+    with self._cond:
+      return {k: t - self._times["started"] for k, t in self._times.items() if k != "started"}
 
   def close(self):
     """Stops the scheduler and kills what is still running (a session cut short)."""
@@ -145,6 +152,7 @@ class Pool:
       out.close()
       err.close()
       del self._running[key]
+      self._times["last done"] = time.monotonic()
       finished = True
     return finished
 

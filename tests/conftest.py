@@ -39,6 +39,7 @@ def pytest_terminal_summary(terminalreporter, config):
   if config.option.durations is None or not _POOLS:
     return
   jobs = _POOLS[0].cpu_seconds()
-  terminalreporter.write_sep("=", f"background jobs: {sum(jobs.values()):.0f} CPU-s")
+  timeline = ", ".join(f"{k} at {t:.0f} s" for k, t in _POOLS[0].timeline().items())
+  terminalreporter.write_sep("=", f"background jobs: {sum(jobs.values()):.0f} CPU-s; {timeline}")
   for key, seconds in list(jobs.items())[:config.option.durations or None]:
     terminalreporter.write_line(f"{seconds:.2f}s cpu  {key}")
