@@ -131,7 +131,7 @@ def check(sizes, steps, grad_steps):
   return report
 
 
-def _child_flags(flag_set, out_dir):
+def _child_argv(flag_set, out_dir):
   """This launcher's command line for one XLA flag set, every other flag as given."""
   return [sys.executable, os.path.abspath(__file__), f"--out_dir={out_dir}",
           f"--xla_flag_sets={flag_set}", f"--sizes={','.join(_SIZES.value)}",
@@ -148,7 +148,7 @@ def compare_flag_sets(flag_sets, out_dir):
     env = dict(os.environ, XLA_FLAGS=" ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""), flag_set) if f))
     print(f"XLA flag set {i}: {flag_set or '(none added)'}", flush=True)
-    done = subprocess.run(_child_flags(flag_set, child_dir), env=env, check=False)
+    done = subprocess.run(_child_argv(flag_set, child_dir), env=env, check=False)
     path = os.path.join(child_dir, "results.json")
     if done.returncode != 0 or not os.path.exists(path):
       runs.append(dict(added_xla_flags=flag_set, failed_to_run=True, all_exact=False))

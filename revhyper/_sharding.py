@@ -47,14 +47,9 @@ class Shards:
   def named(self, spec):
     return NamedSharding(self.mesh, spec)
 
-  @property
-  def explicit(self):
-    """The mesh's axes are ``Explicit``: the layout is part of the arrays' types."""
-    return any(t == AxisType.Explicit for t in self.mesh.axis_types)
-
   def lay_out(self, x, spec):
     """``x`` laid out by ``spec``: a constraint on Auto axes, a reshard on Explicit ones."""
-    if self.explicit:
+    if is_explicit(self.mesh):
       return jax.sharding.reshard(x, self.named(spec))
     return jax.lax.with_sharding_constraint(x, self.named(spec))
 
@@ -108,13 +103,15 @@ def make(mesh, specs, shapes):
   return Shards(mesh, specs)
 
 
+def is_explicit(mesh):
+  """The mesh's axes are ``Explicit``: the layout is part of the arrays' types."""
+  return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
 def explicit_layout(x):
   """``x``'s sharding where its type carries one (a mesh with ``Explicit`` axes), else None."""
   sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    return None
-  return sharding
+  return sharding if is_explicit(getattr(sharding, "mesh", None)) else None
 
 
 def like(x, reference):

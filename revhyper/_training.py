@@ -343,7 +343,7 @@ def _shards(method, problem, layout):
   typed = _sharding.from_types(problem.params, layout.shapes)
   if method.mesh is None:
     return typed
-  if typed is not None and not _sharding.Shards(method.mesh, ()).explicit:
+  if typed is not None and not _sharding.is_explicit(method.mesh):
     raise ValueError("params are laid out on a mesh with Explicit axes, but Reversible's mesh "
                      "has Auto axes; give it the params' mesh (or no mesh: the state is then "
                      "laid out like the params).")
