@@ -17,10 +17,16 @@ For every T in --steps, side by side in one process, each method is traced, comp
   forward_exact    jit(meta) with "reversible": exact training on the integer grid, no gradient
   adam_unroll      jit(grad(meta)) with revhyper.adam(method=Unroll()): Adam's reference
   adam_reversible  jit(grad(meta)) with revhyper.adam(method=Reversible()): Adam, exact
+  <opt>_unroll, <opt>_reversible   the same pair for the optimizers of revhyper.optim, run by
+                   revhyper.train: sgdtrace (optax's sgd, momentum --momentum), rmsprop
+                   (momentum --momentum, decay 0.9), adabelief, clipadamw (clip_by_global_norm
+                   then adamw)
 
 The Adam rows train the same network with revhyper.adam (b1 0.9, b2 0.999, learning rates
 the SGD ones scaled to --adam_learning_rate, --adam_weight_decay), and are compared with
-adam_unroll rather than unroll.
+adam_unroll rather than unroll; every optimizer pair likewise with its own unroll. The
+adaptive optimizers use --adam_learning_rate; sgdtrace uses the SGD rates times
+(1 - momentum), the same steps in optax's convention.
 
 and measured:
 
@@ -99,18 +105,21 @@ flags.DEFINE_list("steps", None, "Training lengths T; default 100,300,1000,3000 
                   "1000,3000,10000; --quick: 10,20).")
 flags.DEFINE_list("methods", ["forward_float", "forward_exact", "unroll", "remat",
                               "checkpoint_sqrt", "reversible", "adam_unroll",
-                              "adam_reversible"], "Methods to measure.")
+                              "adam_reversible", "sgdtrace_unroll", "sgdtrace_reversible",
+                              "rmsprop_unroll", "rmsprop_reversible", "adabelief_unroll",
+                              "adabelief_reversible", "clipadamw_unroll",
+                              "clipadamw_reversible"], "Methods to measure.")
 flags.DEFINE_integer("batch_size", 200, "Minibatch size.")
 flags.DEFINE_float("learning_rate", math.exp(-1.0), "Learning rate of every layer (e**-1).")
 flags.DEFINE_float("momentum", 0.9, "Momentum gamma.")
 flags.DEFINE_float("adam_learning_rate", 1e-3, "Learning rate of every layer in the Adam rows.")
 flags.DEFINE_float("adam_weight_decay", 0.0, "Decoupled weight decay of the Adam rows. The "
                    "learning rate is a traced hyperparameter, so a nonzero value sizes the "
-                   "weights' bit stack from Reversible(min_momentum=0.9).")
+                   "weights' bit stack from Reversible(min_decay=0.9).")
 flags.DEFINE_float("init_scale", math.exp(-3.0), "Initial weight scale (the paper's e**-3).")
 flags.DEFINE_float("l2", 1e-4, "L2 penalty on the weights.")
 flags.DEFINE_boolean("tune_momentum", False, "Also differentiate with respect to the "
-                     "momentum's logit (traced under jit: needs Reversible(min_momentum)).")
+                     "momentum's logit (traced under jit: needs Reversible(min_decay)).")
 flags.DEFINE_integer("num_train", 9000, "Training digits (the rest of the 10,000 bundled "
                      "digits, up to --num_val, are the validation set).")
 flags.DEFINE_integer("num_val", 1000, "Validation digits for the meta-objective.")
@@ -130,8 +139,18 @@ flags.DEFINE_string("rss_child", None, "Internal: 'method,T' makes this process 
 # method's information bound is log2(2**16 / n) bits per weight per step for gamma = n / 2**16.
 MOMENTUM_GRID = 2**16
 
-ADAM_METHODS = ("adam_unroll", "adam_reversible")
-HYPERGRADIENT_METHODS = ("unroll", "remat", "checkpoint_sqrt", "reversible") + ADAM_METHODS
+# Optimizers measured in pairs, each reversible row against its own unroll: "<name>_unroll"
+# and "<name>_reversible".
+FAMILIES = ("adam", "sgdtrace", "rmsprop", "adabelief", "clipadamw")
+PAIRED_METHODS = tuple(f"{f}_{m}" for f in FAMILIES for m in ("unroll", "reversible"))
+HYPERGRADIENT_METHODS = ("unroll", "remat", "checkpoint_sqrt", "reversible") + PAIRED_METHODS
+EXACT_METHODS = ("reversible", "forward_exact") + tuple(f"{f}_reversible" for f in FAMILIES)
+
+
+def own_unroll(name):
+  """The store-all reference of a method: its optimizer's unroll."""
+  return name.rsplit("_", 1)[0] + "_unroll" if name in PAIRED_METHODS else "unroll"
+
 FORWARD_METHODS = ("forward_float", "forward_exact")
 ALL_METHODS = FORWARD_METHODS + HYPERGRADIENT_METHODS
 # Reference for hypergradient errors: store-all backprop, else the float method that fits.
@@ -160,6 +179,14 @@ STYLE = {  # one colour and line per method, the same in both figures
     "reversible": dict(color="tab:blue", linestyle="-", marker="D", linewidth=2.2),
     "adam_unroll": dict(color="tab:brown", linestyle=":", marker="o"),
     "adam_reversible": dict(color="tab:cyan", linestyle=":", marker="D", linewidth=2.2),
+    "sgdtrace_unroll": dict(color="tab:olive", linestyle="-.", marker="o"),
+    "sgdtrace_reversible": dict(color="tab:olive", linestyle="-.", marker="D"),
+    "rmsprop_unroll": dict(color="tab:pink", linestyle="-.", marker="o"),
+    "rmsprop_reversible": dict(color="tab:pink", linestyle="-.", marker="D"),
+    "adabelief_unroll": dict(color="tab:gray", linestyle="-.", marker="o"),
+    "adabelief_reversible": dict(color="tab:gray", linestyle="-.", marker="D"),
+    "clipadamw_unroll": dict(color="black", linestyle="-.", marker="o"),
+    "clipadamw_reversible": dict(color="black", linestyle="-.", marker="D"),
 }
 
 
@@ -249,10 +276,14 @@ class Problem:
     return revhyper.models.softmax_cross_entropy(logits, self.y_train[idx]) + jnp.exp(log_l2) * penalty
 
   def sgd_method(self, name):
-    if name == "adam_unroll":
+    if name in PAIRED_METHODS and name.endswith("_unroll"):
       return revhyper.Unroll()
     if name == "adam_reversible":
-      return revhyper.Reversible(min_momentum=0.9 if self.cfg["adam_weight_decay"] else None)
+      return revhyper.Reversible(min_decay=0.9 if self.cfg["adam_weight_decay"] else None)
+    if name == "clipadamw_reversible":  # lr * weight_decay is traced: bound the decay
+      return revhyper.Reversible(min_decay=0.9)
+    if name in PAIRED_METHODS:
+      return revhyper.Reversible()
     if name in ("unroll", "forward_float"):
       return revhyper.Unroll()
     if name == "checkpoint_sqrt":
@@ -262,7 +293,7 @@ class Problem:
     if self.cfg["tune_momentum"]:
       # The momentum is traced under jit, so the bit stack is sized from a static lower
       # bound: one grid step below the momentum, in case its float32 sigmoid rounds down.
-      return revhyper.Reversible(min_momentum=(self.momentum_numerator - 1) / MOMENTUM_GRID)
+      return revhyper.Reversible(min_decay=(self.momentum_numerator - 1) / MOMENTUM_GRID)
     return revhyper.Reversible()
 
   def meta(self, hparams, name, num_steps):
@@ -273,7 +304,11 @@ class Problem:
     else:
       momentum = self.cfg["momentum"]
     learning_rate = revhyper.hyper.learning_rate_from_log(hparams["log_learning_rate"])
-    if name in ADAM_METHODS:
+    if name in PAIRED_METHODS and not name.startswith("adam_"):
+      out = revhyper.train(self.train_loss, params, hparams["log_l2"],
+                           self.optimizer(name.rsplit("_", 1)[0], learning_rate, momentum),
+                           num_steps=num_steps, method=self.sgd_method(name))
+    elif name in PAIRED_METHODS:
       scale = self.cfg["adam_learning_rate"] / self.cfg["learning_rate"]
       out = revhyper.adam(
           self.train_loss, params, hparams["log_l2"], num_steps=num_steps,
@@ -285,6 +320,21 @@ class Problem:
           learning_rate=learning_rate, momentum=momentum, method=self.sgd_method(name))
     logits = revhyper.models.mlp_apply(out.params, self.x_val)
     return revhyper.models.softmax_cross_entropy(logits, self.y_val), out.stats
+
+  def optimizer(self, family, learning_rate, momentum):
+    """A revhyper.optim optimizer of the benchmark's rates (per-layer pytrees)."""
+    optim = revhyper.optim
+    scale = self.cfg["adam_learning_rate"] / self.cfg["learning_rate"]
+    adaptive = jax.tree.map(lambda lr: lr * scale, learning_rate)
+    if family == "sgdtrace":
+      return optim.sgd(jax.tree.map(lambda lr: lr * (1 - momentum), learning_rate),
+                       momentum=momentum)
+    if family == "rmsprop":
+      return optim.rmsprop(adaptive, decay=0.9, momentum=momentum)
+    if family == "adabelief":
+      return optim.adabelief(adaptive)
+    return optim.chain(optim.clip_by_global_norm(1.0),
+                       optim.adamw(adaptive, weight_decay=1e-2))
 
   def function(self, name, num_steps):
     """The jitted function measured for a method: a hypergradient, or training alone."""
@@ -458,14 +508,14 @@ def measure_steps(problem, num_steps, earlier):
   del compiled
 
   for name, (value, stats) in outputs.items():
-    if name in ("reversible", "forward_exact", "adam_reversible"):
-      records[name]["stats"] = stats_record(problem, stats, num_steps, name in ADAM_METHODS)
+    if name in EXACT_METHODS:
+      records[name]["stats"] = stats_record(problem, stats, num_steps, name in PAIRED_METHODS)
     if name in FORWARD_METHODS:
       records[name]["meta_objective"] = float(value)
   for name in HYPERGRADIENT_METHODS:
     reference = next((m for m in REFERENCE_ORDER if m in outputs), None)
-    if name in ADAM_METHODS:
-      reference = "adam_unroll" if "adam_unroll" in outputs else None
+    if name in PAIRED_METHODS:
+      reference = own_unroll(name) if own_unroll(name) in outputs else None
     if name in outputs and reference is not None:
       records[name]["error_reference"] = reference
       records[name]["relative_error"] = relative_errors(outputs[name][0], outputs[reference][0])
@@ -497,7 +547,7 @@ def value(records, name, *keys):
 def table(results):
   """Rows of per-method numbers and ratios against unroll, for printing."""
   lines = []
-  head = (f"{'method':<16}{'time s':>9}{'x unroll':>9}{'ms/step':>9}{'compile s':>10}"
+  head = (f"{'method':<22}{'time s':>9}{'x unroll':>9}{'ms/step':>9}{'compile s':>10}"
           f"{'XLA temp MB':>13}{'x unroll':>10}{'peak RSS MB':>12}{'bits/w/step':>12}"
           f"{'rel err':>10}")
   for key, records in results["steps"].items():
@@ -505,7 +555,7 @@ def table(results):
     load = f"  (load average {load[0]:.1f} before, {load[1]:.1f} after)" if load else ""
     lines += ["", f"T = {key}{load}", head]
     for name, r in records.items():
-      ref = "adam_unroll" if name in ADAM_METHODS else "unroll"  # each against its own unroll
+      ref = own_unroll(name)  # each against its own unroll
       t_ref = value(records, ref, "time_s") or value(records, ref, "time_estimate_s")
       m_ref = value(records, ref, "memory", "temp_bytes")
       t = r.get("time_s")
@@ -516,7 +566,7 @@ def table(results):
       bits = value(records, name, "stats", "bits_per_weight_per_step")
       err = value(records, name, "relative_error", "global")
       cells = [
-          f"{name:<16}",
+          f"{name:<22}",
           (f"{'~' + format(t, '.3g'):>9}" if estimated else f"{t:>9.3g}") if t else
           f"{'error' if 'error' in r else '-':>9}",
           f"{ratio(t, t_ref):>9.3f}" if ratio(t, t_ref) else f"{'-':>9}",
@@ -532,7 +582,8 @@ def table(results):
       note += "  (" + r["error"][:120] + ")" if "error" in r else ""
       reference = r.get("error_reference", ref)
       note += f"  (rel err against {reference})" if reference != ref else ""
-      note += "  (ratios and rel err against adam_unroll)" if name == "adam_reversible" else ""
+      if name in PAIRED_METHODS and name.endswith("_reversible"):
+        note += f"  (ratios and rel err against {ref})"
       note += "  (time estimated)" if estimated else ""
       lines.append("".join(cells) + note)
   lines.append("")

@@ -76,13 +76,14 @@ class Reversible:
   # param_specs as (treedef, leaves): hashable, since the method is part of a static config.
   _spec_leaves: Any = dataclasses.field(default=None, init=False, repr=False)
 
-  min_momentum: dataclasses.InitVar[Optional[float]] = None
+  # The former name of min_decay; not compared, since min_decay holds its value.
+  min_momentum: Optional[float] = dataclasses.field(default=None, compare=False)
 
-  def __post_init__(self, min_momentum):
-    if min_momentum is not None:
-      if self.min_decay is not None and self.min_decay != min_momentum:
+  def __post_init__(self):
+    if self.min_momentum is not None:
+      if self.min_decay is not None and self.min_decay != self.min_momentum:
         raise ValueError("min_momentum is the former name of min_decay: give one of them.")
-      object.__setattr__(self, "min_decay", min_momentum)
+      object.__setattr__(self, "min_decay", self.min_momentum)
     if self.min_decay is not None and not 0 <= self.min_decay <= 1:
       raise ValueError(f"min_decay must lie in [0, 1], got {self.min_decay}.")
     if self.mesh is None:
