@@ -2,18 +2,18 @@
 
 Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through Reversible
 Learning", ICML 2015, Algorithms 1 and 2, for any optimizer whose step is made of two kinds of
-exactly invertible pieces on an integer grid (a ``Rule``):
+exactly invertible pieces on an integer grid (described by an ``_optim.Program``):
 
-* rational multiplications ``x -> x * n / d`` (momentum, Adam's moment decays, a decoupled
-  weight decay), made bijective by the bit stack (``_bitstack``), which stores what they lose;
+* rational multiplications ``x -> x * n / d`` (the states' decays, a decoupled weight decay),
+  made bijective by the bit stack (``_bitstack``), which stores what they lose;
 * additions ``x += round(f(y) * 2**R)`` of a float increment computed from *other* variables
   (``_fixed_point``), undone by subtracting the same increment, recomputed from the same
   integers.
 
 Every step has the same shape::
 
-    g_t     = grad_w L(w_t, hparams, t)
-    s_{t+1} = decay(s_t) + slot_increments(coefs_t, g_t)          # each slot: velocity, moments
+    g_t     = transform(grad_w L(w_t, hparams, t), w_t)           # e.g. clipping
+    s_{t+1} = decay(s_t) + increments(coefs_t, g_t, s)            # the states, in order
     w_{t+1} = decay(w_t) + weight_increment(coefs_t, s_{t+1})     # decay only with weight decay
 
 and the forward pass keeps only ``(w_T, s_T)`` and the bit stacks. The backward pass runs the
@@ -57,7 +57,7 @@ from revhyper import _sharding
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-  """One optimizer state beside the weights (a velocity, a moment), per parameter leaf."""
+  """One optimizer state beside the weights, per parameter leaf: its grid and its decay's."""
 
   name: str
   fractional_bits: int  # its grid 2**-R; range |x| < 2**(61 - R)
@@ -187,7 +187,7 @@ def _gradient(config, w_leaves, hparams, t, form, tangent=None):
   all its outputs, so that XLA compiles it identically in the forward and the reverse loop, a
   condition of bit-exact reversal. The forward loop of ``LINEARIZED`` computes and discards the
   products, so that its program is the reverse loop's; its tangent is a value of the state (the
-  first slot: for SGD the velocity), not a zero, so that no compiler pass can fold it away
+  first state), not a zero, so that no compiler pass can fold it away
   even where the fence is lowered early, and the two copies stay alike.
 
   Returns:
@@ -452,8 +452,8 @@ class Stats(NamedTuple):
   information_bound_bits: jax.Array  # float32 [], sum over weights and steps of log2(d / n_t).
   capacity_bits: jax.Array  # float32 [], what the preallocated stack can hold.
   bits_per_weight_per_step: jax.Array  # float32 [], bits_stored / (weights * steps).
-  # bool [], a value left its exact range: |x| < 2**13 for weights, velocities and Adam's first
-  # moment, 0 <= nu < 2 for Adam's second moment (whose grid is finer).
+  # bool [], a value left its exact range: |x| < 2**(61 - R) on a grid 2**-R (weights and
+  # momenta |x| < 8192, first moments |mu| < 32, second moments 0 <= nu < 2).
   fixed_point_overflow: jax.Array
   buffer_overflow: jax.Array  # bool [], the bit stack ran out of capacity.
   # bool [], a non-finite learning rate, or a decay coefficient (momentum, b1, b2,
@@ -492,9 +492,9 @@ def any_non_finite(*trees):
 
 
 INVALID_HYPERPARAMETERS = (
-    "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1] "
-    "(adam: b1, b2 or learning_rate * weight_decay outside [0, 1], or eps, eps_root negative "
-    "or not finite).")
+    "invalid hyperparameters: a learning rate (or another coefficient) is not finite, a decay "
+    "(momentum, b1, b2, learning_rate * weight_decay, ...) is outside [0, 1], or a "
+    "non-negative coefficient (eps, eps_root, a clipping threshold) is negative.")
 NON_FINITE = (
     "non-finite training: the final weights or velocities are NaN or infinite; the training run "
     "diverged, e.g. from too large a learning rate.")
@@ -542,11 +542,11 @@ def failure_messages(stats, min_decay=None):
   return [
       (stats.invalid_hyperparameters, INVALID_HYPERPARAMETERS),
       (stats.fixed_point_overflow,
-       "fixed-point overflow: a weight, velocity or update left the exact range "
-       f"|x| < {_fixed_point.MAX_ABS_VALUE:g} (adam: or a moment left its range, "
-       f"|mu| < {_fixed_point.max_abs_value(_fixed_point.FIRST_MOMENT_BITS):g}, "
-       f"0 <= nu < {_fixed_point.max_abs_value(_fixed_point.SECOND_MOMENT_BITS):g}: scale the "
-       "loss down), or was not finite; the training run diverged, e.g. from too large a "
+       "fixed-point overflow: a weight, optimizer state or update left its exact range "
+       f"(weights and momenta |x| < {_fixed_point.MAX_ABS_VALUE:g}; first moments "
+       f"|mu| < {_fixed_point.max_abs_value(_fixed_point.FIRST_MOMENT_BITS):g}, second "
+       f"moments 0 <= nu < {_fixed_point.max_abs_value(_fixed_point.SECOND_MOMENT_BITS):g}: "
+       "scale the loss down), or was not finite; the training run diverged, e.g. from too large a "
        "learning rate. Exact reversal is impossible."),
       (stats.buffer_overflow, f"bit-stack overflow: the information buffer ran out of "
        f"capacity: {stack_hint}."),
@@ -656,70 +656,103 @@ def _cast(tree, dtypes):
   return [x.astype(d) for x, d in zip(tree, dtypes)]
 
 
-def _run_bwd(config, residuals, cotangents):
-  """Algorithm 2 of the paper: undo each step exactly, then pull its cotangents back."""
-  residuals, cotangents = _guard((residuals, cotangents))
-  state, hparams, steps, initial, failed = residuals
-  rule, dtypes = config.rule, config.layout.dtypes
-  h_floats, _ = _differentiable(hparams)
+class _Backward(NamedTuple):
+  """The carry of the backward scan: the state being rebuilt and the cotangents so far."""
+
+  state: State  # (w_{t+1}, s_{t+1}) and the bit stacks, on the way back to (w_0, s_0)
+  dw: list  # cotangent of w_{t+1}, per leaf, compute dtypes
+  dslots: tuple  # cotangents of s_{t+1}, per state a list of leaves
+  dh: list  # cotangents of the float hparams accumulated over steps t+1 .. T-1
+
+
+def _gradient_and_products(config, hparams, carry, w_leaves, slots_next, step):
+  """``g_t`` and its Hessian-vector products with ``dg_t`` for the ``LINEARIZED`` form.
+
+  An update linear in ``g_t``, with a Jacobian that reads neither ``g_t`` nor ``s_t``: the
+  cotangent of ``g_t`` is known before ``g_t`` is recomputed (here at stand-ins for both), so
+  that one forward-over-reverse pass yields ``g_t`` (to rebuild ``s_t``) and its products.
+  """
+  w_compute = _cast(w_leaves, _compute_dtypes(config))
+  zeros = [jnp.zeros_like(x) for x in w_compute]
+  _, pullback = jax.vjp(lambda g: config.rule.update(step.coefs, w_compute, slots_next, g),
+                        zeros)
+  (dg,) = pullback((carry.dw, carry.dslots))
+  return _gradient(config, w_leaves, hparams, step.t, Gradient.LINEARIZED,
+                   tangent=_cast(dg, config.layout.dtypes))
+
+
+def _backward_step(config, hparams, carry, step):
+  """Undoes step t exactly, then pulls its cotangents back through it (the paper's
+  Algorithm 2): returns the carry at t and the cotangents of the step's coefficients."""
   form = _reversal_form(config)
-  compute_dtypes = [_fixed_point.compute_dtype(d) for d in dtypes]
+  compute_dtypes = _compute_dtypes(config)
+  # The weights' increment reads only the new slots s_{t+1}, so w_t comes back first, and
+  # with it g_t, which the slots' increments need.
+  state, slots_next = _undo_weights(config, carry.state, step)
+  w_leaves = _float_leaves(config, state.w)
+  if form is Gradient.LINEARIZED:
+    g, (hvp_w, hvp_h) = _gradient_and_products(config, hparams, carry, w_leaves, slots_next,
+                                               step)
+  else:
+    g, _ = _gradient(config, w_leaves, hparams, step.t, form)
+  state = _undo_slots(config, state, g, step)
+  # The step's own cotangents, at the rebuilt (w_t, s_t, g_t).
+  _, pullback = jax.vjp(config.rule.update, step.coefs, _cast(w_leaves, compute_dtypes),
+                        _slot_floats(config, state.slots), _cast(g, compute_dtypes))
+  dcoefs, dw, dslots, dg = pullback((carry.dw, carry.dslots))
+  if form is not Gradient.LINEARIZED:
+    hvp_w, hvp_h = _hessian_vector(config, w_leaves, hparams, step.t,
+                                   _cast(dg, config.layout.dtypes))
+  dw = [a + b.astype(a.dtype) for a, b in zip(dw, hvp_w)]
+  dh = [a + b.astype(a.dtype) for a, b in zip(carry.dh, hvp_h)]
+  return _Backward(state, dw, dslots, dh), dcoefs
 
-  def body(carry, step):
-    state, dw, dslots, dh = carry
-    # The weights' increment reads only the new slots s_{t+1}, so w_t comes back first, and
-    # with it g_t, which the slots' increments need.
-    state, slots_next = _undo_weights(config, state, step)
-    w_leaves = _float_leaves(config, state.w)
-    w_compute = _cast(w_leaves, compute_dtypes)
-    if form is Gradient.LINEARIZED:
-      # An update linear in g_t, with a Jacobian that reads neither g_t nor s_t: the cotangent
-      # of g_t is known before g_t is recomputed (here at stand-ins for both), so that one
-      # forward-over-reverse pass yields g_t (to rebuild s_t) and its Hessian-vector products.
-      zeros = [jnp.zeros_like(x) for x in w_compute]
-      _, pullback = jax.vjp(lambda g: rule.update(step.coefs, w_compute, slots_next, g), zeros)
-      (dg,) = pullback((dw, dslots))
-      g, (hvp_w, hvp_h) = _gradient(config, w_leaves, hparams, step.t, form,
-                                    tangent=_cast(dg, dtypes))
-    else:
-      g, _ = _gradient(config, w_leaves, hparams, step.t, form)
-    state = _undo_slots(config, state, g, step)
-    # The step's own cotangents, at the rebuilt (w_t, s_t, g_t).
-    slots = _slot_floats(config, state.slots)
-    _, pullback = jax.vjp(rule.update, step.coefs, w_compute, slots, _cast(g, compute_dtypes))
-    dcoefs, dw, dslots, dg = pullback((dw, dslots))
-    if form is not Gradient.LINEARIZED:
-      hvp_w, hvp_h = _hessian_vector(config, w_leaves, hparams, step.t, _cast(dg, dtypes))
-    dw = [a + b.astype(a.dtype) for a, b in zip(dw, hvp_w)]
-    dh = [a + b.astype(a.dtype) for a, b in zip(dh, hvp_h)]
-    return (state, dw, dslots, dh), dcoefs
 
+def _compute_dtypes(config):
+  return [_fixed_point.compute_dtype(d) for d in config.layout.dtypes]
+
+
+def _backward_carry(config, state, hparams, cotangents):
+  """The carry at step T: the final state, ready to pop, and the output cotangents."""
   dparams, dslots, _ = cotangents
-  dh = [jnp.zeros_like(x) for x in h_floats]
+  compute_dtypes = _compute_dtypes(config)
   # The cotangents are carried in the compute dtypes, like the state they belong to, and laid
   # out like the weights: a cotangent that is a symbolic zero would otherwise be replicated.
-  carry = (state, _sharding.constrain(_cast(dparams, compute_dtypes), config.shards),
-           tuple(_sharding.constrain(_cast(x, compute_dtypes), config.shards) for x in dslots),
-           dh)
-  with jax.enable_x64(True):
-    state = state._replace(stacks=tuple(
-        _bitstack.for_popping(st, _stage_shards(config, stage))
-        for st, stage in zip(state.stacks, _stages(config))))
-    (state, dw, dslots, dh), dcoefs = jax.lax.scan(
-        body, (state,) + carry[1:], steps, reverse=True)
-  if config.check_reversal:
-    failed |= _check_reconstruction(config, state, initial)
-  dh_floats = iter(dh)
+  lay_out = lambda x: _sharding.constrain(_cast(x, compute_dtypes), config.shards)
+  state = state._replace(stacks=tuple(
+      _bitstack.for_popping(st, _stage_shards(config, stage))
+      for st, stage in zip(state.stacks, _stages(config))))
+  h_floats, _ = _differentiable(hparams)
+  return _Backward(state, lay_out(dparams), tuple(lay_out(x) for x in dslots),
+                   [jnp.zeros_like(x) for x in h_floats])
+
+
+def _input_cotangents(config, hparams, steps, carry, dcoefs):
+  """The cotangents of ``_run``'s inputs from the carry at step 0."""
+  dtypes = config.layout.dtypes
+  dh_floats = iter(carry.dh)
   dhparams = jax.tree_util.tree_map(
       lambda x: next(dh_floats) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
       else _zero_cotangent(x), hparams)
   no_tangent = lambda x: np.zeros(x.shape, jax.dtypes.float0)
   dsteps = Steps(no_tangent(steps.t), dcoefs, jax.tree_util.tree_map(no_tangent, steps.numerators),
                  jax.tree_util.tree_map(no_tangent, steps.weight_numerators))
-  dslots = tuple(_cast(x, dtypes) for x in dslots)
+  return (_cast(carry.dw, dtypes), tuple(_cast(x, dtypes) for x in carry.dslots), dhparams,
+          dsteps, np.zeros((), jax.dtypes.float0))
+
+
+def _run_bwd(config, residuals, cotangents):
+  """Algorithm 2 of the paper: undo each step exactly, then pull its cotangents back."""
+  residuals, cotangents = _guard((residuals, cotangents))
+  state, hparams, steps, initial, failed = residuals
+  with jax.enable_x64(True):
+    carry = _backward_carry(config, state, hparams, cotangents)
+    carry, dcoefs = jax.lax.scan(functools.partial(_backward_step, config, hparams), carry,
+                                 steps, reverse=True)
+  if config.check_reversal:
+    failed |= _check_reconstruction(config, carry.state, initial)
   # A failed run has no trustworthy gradient: NaN rather than a wrong number.
-  return _errors.poison(failed, (_cast(dw, dtypes), dslots, dhparams, dsteps,
-                                 np.zeros((), jax.dtypes.float0)))
+  return _errors.poison(failed, _input_cotangents(config, hparams, steps, carry, dcoefs))
 
 
 def _all_equal(xs, ys):
@@ -729,8 +762,8 @@ def _all_equal(xs, ys):
 
 
 REVERSAL_CHECK_FAILED = (
-    "reversal check failed: the reverse pass did not rebuild the initial weights, velocity and "
-    "an empty bit stack bit for bit. A gradient was not recomputed identically (a "
+    "reversal check failed: the reverse pass did not rebuild the initial weights, optimizer "
+    "states and an empty bit stack bit for bit. A gradient was not recomputed identically (a "
     "non-deterministic loss_fn or compiler); please report this with your loss_fn.")
 
 

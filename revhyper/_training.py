@@ -8,8 +8,9 @@ One call, three memory strategies that give the same gradients:
 * ``Checkpoint(segment_length)``: the float scan, rematerialised in segments of
   ``segment_length`` steps (``sqrt(T)`` by default; 1 recomputes every step).
 
-An optimizer (``_sgd``, ``_adam``) is a ``_reversible.Rule`` plus a function that validates
-its arguments into a ``Problem``; ``train`` runs the problem with any method.
+An optimizer (``revhyper.optim``) is validated into a ``Problem`` (``optimizer_problem``), whose
+``rule`` is the optimizer compiled for the engine (an ``_optim.Program``); ``run`` runs it with
+any method, ``train`` is the public entry point.
 """
 
 import dataclasses
