@@ -26,13 +26,13 @@ class AdamResult(NamedTuple):
 
 
 def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999, eps=1e-8,
-             eps_root=0.0, weight_decay=0.0, mu=None, nu=None):
+             eps_root=0.0, weight_decay=0.0, mu=None, nu=None, precision="highest"):
   optimizer = _optim.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                            weight_decay=weight_decay)
   states = {name: x for name, x in (("mu", mu), ("nu", nu)) if x is not None}
   problem = _training.optimizer_problem(loss_fn, params, hparams, optimizer,
                                         num_steps=num_steps, opt_state=states,
-                                        state_label=lambda name: name)
+                                        state_label=lambda name: name, precision=precision)
   return problem._replace(present=tuple)
 
 
@@ -120,7 +120,8 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
     ...   return jnp.sum((out.params - 0.5) ** 2)
     >>> d_l2, d_log_lr = jax.grad(meta, argnums=(0, 1))(0.1, jnp.log(0.01))
   """
-  problem = _problem(loss_fn, params, hparams, num_steps=num_steps,
+  method = _training.resolve_method(method)
+  problem = _problem(loss_fn, params, hparams, num_steps=num_steps, precision=method.precision,
                      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                      weight_decay=weight_decay, mu=mu, nu=nu)
   params_out, (mu_out, nu_out), stats = _training.run(method, problem)

@@ -26,7 +26,14 @@ def _is_array_like(x):
 
 
 def concrete_value(x):
-  """``x`` as a numpy array when its value is known at trace time, else ``None``."""
+  """``x`` as a numpy array when its value is known at trace time, else ``None``.
+
+  An array spread over devices of other processes is not known here either: its value cannot
+  be fetched by this process alone.
+  """
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and (
+      not x.is_fully_addressable):
+    return None
   try:
     return jex.core.concrete_or_error(np.asarray, x)
   except jax.errors.ConcretizationTypeError:

@@ -21,11 +21,11 @@ class SGDResult(NamedTuple):
 
 
 def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
-             weight_decay=0.0):
+             weight_decay=0.0, precision="highest"):
   problem = _training.optimizer_problem(
       loss_fn, params, hparams, _optim.heavy_ball(learning_rate, momentum, weight_decay),
       num_steps=num_steps, opt_state=None if velocity is None else {"velocity": velocity},
-      state_label=lambda name: name)
+      state_label=lambda name: name, precision=precision)
   return problem._replace(present=lambda slots: slots[0])
 
 
@@ -115,7 +115,8 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
     ...   return jnp.sum((out.params - 0.5) ** 2)
     >>> hypergradient = jax.grad(meta)(0.1)
   """
-  problem = _problem(loss_fn, params, hparams, num_steps=num_steps,
+  method = _training.resolve_method(method)
+  problem = _problem(loss_fn, params, hparams, num_steps=num_steps, precision=method.precision,
                      learning_rate=learning_rate, momentum=momentum, velocity=velocity,
                      weight_decay=weight_decay)
   params_out, (velocity_out,), stats = _training.run(method, problem)

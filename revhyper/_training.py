@@ -13,6 +13,7 @@ An optimizer (``revhyper.optim``) is validated into a ``Problem`` (``optimizer_p
 any method, ``train`` is the public entry point.
 """
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
@@ -57,6 +58,13 @@ class Reversible:
       bit for bit (keeps a copy of the initial state); on a mismatch, raise ``ReversalError``
       in an eager ``jax.grad`` and make every hypergradient NaN under ``jit``. This checks the
       gradient path itself; use it once on a new problem or backend.
+    precision: the precision of the loss's matrix products (``jax.default_matmul_precision``)
+      in every pass: ``"highest"`` (the default: full float32 products, so that a GPU's
+      hypergradients agree with float32 backprop and with the CPU), ``"high"``,
+      ``"default"`` (the backend's fastest, TF32 on recent NVIDIA GPUs), or ``None`` (whatever
+      the caller's ``jax.default_matmul_precision`` says). Every method takes it, and two
+      methods agree to float32 accuracy only at the same precision. The loss is traced under
+      it, so a product that names its own ``precision=`` keeps it.
     mesh: a ``jax.sharding.Mesh`` to lay the exact state out on (see README, "Scaling"); each
       device keeps the lanes of the weights it holds and a bit stack of its own, sized for them.
       Its axes may be ``Auto`` or ``Explicit`` (``jax.make_mesh``'s default). Parameters laid
@@ -79,8 +87,10 @@ class Reversible:
 
   # The former name of min_decay; not compared, since min_decay holds its value.
   min_momentum: Optional[float] = dataclasses.field(default=None, compare=False)
+  precision: Optional[str] = "highest"
 
   def __post_init__(self):
+    _check_precision(self.precision)
     if self.min_momentum is not None:
       if self.min_decay is not None and self.min_decay != self.min_momentum:
         raise ValueError("min_momentum is the former name of min_decay: give one of them.")
@@ -107,9 +117,14 @@ class Unroll:
 
   Attributes:
     checks: act on invalid hyperparameters and non-finite results as ``Reversible`` does.
+    precision: of the loss's matrix products, as for ``Reversible``.
   """
 
   checks: bool = True
+  precision: Optional[str] = "highest"
+
+  def __post_init__(self):
+    _check_precision(self.precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +134,40 @@ class Checkpoint:
   Attributes:
     segment_length: steps per checkpointed segment; ``None`` gives ``ceil(sqrt(num_steps))``
       (memory O(sqrt(T))), 1 recomputes every step from its stored input (memory O(T)).
+    checks: as for ``Unroll``.
+    precision: of the loss's matrix products, as for ``Reversible``.
   """
 
   segment_length: Optional[int] = None
   checks: bool = True
+  precision: Optional[str] = "highest"
 
   def __post_init__(self):
+    _check_precision(self.precision)
     if self.segment_length is not None and (
         not isinstance(self.segment_length, int) or self.segment_length < 1):
       raise ValueError(f"segment_length must be a positive int, got {self.segment_length!r}.")
 
 
 _METHODS = {"reversible": Reversible, "unroll": Unroll, "checkpoint": Checkpoint}
+# The names jax.default_matmul_precision takes.
+PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32",
+              "bfloat16_3x", "bfloat16_6x", "bfloat16_9x", "tensorfloat32_3x")
+
+
+def _check_precision(precision):
+  if precision is not None and precision not in PRECISIONS:
+    raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}.")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+  """``jax.default_matmul_precision(precision)``, or nothing for ``None``."""
+  if precision is None:
+    yield
+  else:
+    with jax.default_matmul_precision(precision):
+      yield
 
 
 class RoundTrip(NamedTuple):
@@ -145,7 +182,7 @@ class RoundTrip(NamedTuple):
   stats: Stats  # the training run's diagnostics
 
 
-def _method(method):
+def resolve_method(method):
   if isinstance(method, str):
     if method not in _METHODS:
       raise ValueError(f"method must be one of {sorted(_METHODS)} or a method object, "
@@ -227,13 +264,14 @@ class Problem(NamedTuple):
 
 
 def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_state=None,
-                      state_label=lambda name: f"opt_state[{name!r}]"):
+                      state_label=lambda name: f"opt_state[{name!r}]", precision="highest"):
   """Validates a run of a ``revhyper.optim`` optimizer into a ``Problem``.
 
   Args:
     opt_state: None (every state starts at 0) or a dict from state names to pytrees like
       ``params`` (missing names start at 0).
     state_label: how errors name a state's initial value.
+    precision: the matrix-product precision the loss is traced under (the method's).
   """
   num_steps = check_num_steps(loss_fn, num_steps)
   if not isinstance(optimizer, _optim.Optimizer):
@@ -256,7 +294,7 @@ def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_sta
           raise ValueError(f"{state_label(st.name)} must be non-negative (a second moment), "
                            f"got {known[known < 0][:5]}.")
     slots.append(state_leaves)
-  closed_loss, hparams = close_loss(loss_fn, leaves, treedef, hparams)
+  closed_loss, hparams = close_loss(loss_fn, leaves, treedef, hparams, precision)
   prepared = _optim.prepare(optimizer, jax.tree_util.tree_unflatten(treedef, leaves), leaves,
                             num_steps)
   steps = _reversible.Steps(
@@ -317,14 +355,17 @@ def flatten_like(tree, leaves, treedef, name):
   return [_sharding.like(v, p) for v, p in zip(state_leaves, leaves)]
 
 
-def close_loss(loss_fn, leaves, treedef, hparams):
-  """The loss on parameter leaves, traced once; returns ``(_ClosedLoss, (hparams, consts))``."""
+def close_loss(loss_fn, leaves, treedef, hparams, precision="highest"):
+  """The loss on parameter leaves, traced once under the matrix-product ``precision``, which
+  its products (and their derivatives) then keep; returns ``(_ClosedLoss, (hparams,
+  consts))``."""
   hparams = jax.tree_util.tree_map(jnp.asarray, hparams)
 
   def loss_on_leaves(w_leaves, h, t):
     return loss_fn(jax.tree_util.tree_unflatten(treedef, w_leaves), h, t)
 
-  closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams)
+  with matmul_precision(precision):
+    closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams)
   return closed_loss, (hparams, consts)
 
 
@@ -487,7 +528,7 @@ def _check_reversible(problem):
 
 def run(method, problem):
   """Runs ``problem`` with ``method``; returns ``(params, slots, stats)`` as pytrees."""
-  method = _method(method)
+  method = resolve_method(method)
   if isinstance(method, Reversible):
     _check_reversible(problem)
     config = _reversible_config(method, problem)
@@ -544,13 +585,15 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
     >>> bool(rt.exact)
     True
   """
-  method = _method(method)
+  method = resolve_method(method)
   if not isinstance(method, Reversible):
     raise ValueError(f"round_trip needs a reversible method, got {method!r}.")
   if isinstance(optimizer, _optim.Optimizer):
-    problem = optimizer_problem(loss_fn, params, hparams, optimizer, **kwargs)
+    problem = optimizer_problem(loss_fn, params, hparams, optimizer,
+                                precision=method.precision, **kwargs)
   elif isinstance(optimizer, str) and optimizer in OPTIMIZERS:
-    problem = OPTIMIZERS[optimizer](loss_fn, params, hparams, **kwargs)
+    problem = OPTIMIZERS[optimizer](loss_fn, params, hparams, precision=method.precision,
+                                    **kwargs)
   else:
     raise ValueError(f"optimizer must be a revhyper.optim optimizer or one of "
                      f"{sorted(OPTIMIZERS)}, got {optimizer!r}.")
@@ -626,7 +669,8 @@ def train(loss_fn, params, hparams, optimizer, *, num_steps, method="reversible"
     ...   return jnp.sum((out.params - 0.5) ** 2)
     >>> d_l2, d_lr = jax.grad(meta, argnums=(0, 1))(0.1, 0.01)
   """
+  method = resolve_method(method)
   problem = optimizer_problem(loss_fn, params, hparams, optimizer, num_steps=num_steps,
-                              opt_state=opt_state)
+                              opt_state=opt_state, precision=method.precision)
   params_out, slots_out, stats = run(method, problem)
   return TrainResult(params_out, problem.present(slots_out), stats)
