@@ -147,6 +147,33 @@ def meta_optimize(
     >>> result.history[-1]["meta_loss"] < result.history[0]["meta_loss"]
     True
   """
+  num_iterations, checkpoint_every, log_every, optimizer = _check_arguments(
+      meta_loss_fn, callback, num_iterations, checkpoint_every, log_every, resume,
+      checkpoint_dir, optimizer)
+  checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+  start, hparams, opt_state, history = _start_or_resume(
+      checkpoint_dir, resume, optimizer, hparams, num_iterations, progress)
+  step = _make_step(meta_loss_fn, optimizer, has_aux, key)
+  run_start = time.perf_counter()
+  for it in range(start, num_iterations):
+    new_hparams, new_opt_state, grads, aux, record = _evaluate(
+        step, hparams, opt_state, it, history, checkpoint_dir)
+    if log_every and ((it + 1) % log_every == 0 or it + 1 == num_iterations):
+      _log_iteration(record, start, num_iterations, time.perf_counter() - run_start, progress)
+    if callback is not None:
+      callback(MetaStep(it, hparams, grads, aux, record))
+    hparams, opt_state = new_hparams, new_opt_state
+    if checkpoint_dir is not None:
+      _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
+      if (it + 1) % checkpoint_every == 0 or it + 1 == num_iterations:
+        save_checkpoint(checkpoint_dir, it + 1, hparams, opt_state, history)
+  return MetaResult(hparams, opt_state, history)
+
+
+def _check_arguments(meta_loss_fn, callback, num_iterations, checkpoint_every, log_every,
+                     resume, checkpoint_dir, optimizer):
+  """``meta_optimize``'s arguments checked: ``(num_iterations, checkpoint_every, log_every,
+  optimizer)``, the integers as ints and the default optimizer filled in."""
   if not callable(meta_loss_fn):
     raise TypeError(f"meta_loss_fn must be callable, got {meta_loss_fn!r}")
   if callback is not None and not callable(callback):
@@ -157,73 +184,83 @@ def meta_optimize(
   if resume and checkpoint_dir is None:
     raise ValueError("resume=True needs a checkpoint_dir to resume from")
   optimizer = optax.adam(_PAPER_META_LEARNING_RATE) if optimizer is None else optimizer
+  return num_iterations, checkpoint_every, log_every, optimizer
 
+
+def _start_or_resume(checkpoint_dir, resume, optimizer, hparams, num_iterations, progress):
+  """``(start, hparams, opt_state, history)``: a fresh start, or the newest intact checkpoint.
+
+  Creates ``checkpoint_dir`` when it is given; refuses one that holds checkpoints unless
+  ``resume``.
+  """
   # Start and resume go through the same host round trip, so both feed the compiled step
   # arrays of identical dtypes and weak types: no retracing, and bit-identical results.
   hparams = _canonical(hparams)
   opt_state = _canonical(optimizer.init(hparams))
   start, history = 0, []
-  if checkpoint_dir is not None:
-    checkpoint_dir = os.fspath(checkpoint_dir)
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None and not resume:
-      raise FileExistsError(
-          f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints ({latest!r}); "
-          "pass resume=True to continue that run, or use an empty folder")
-    if latest is not None:
-      latest, (start, hparams, opt_state, history) = _load_newest_intact(
-          checkpoint_dir, hparams, opt_state)
-      if start > num_iterations:
-        raise ValueError(
-            f"the checkpoint {latest!r} is after iteration {start}, past "
-            f"num_iterations={num_iterations}")
-      _emit(f"resuming from {latest} after iteration {start}", progress)
-    os.makedirs(checkpoint_dir, exist_ok=True)
+  if checkpoint_dir is None:
+    return start, hparams, opt_state, history
+  latest = latest_checkpoint(checkpoint_dir)
+  if latest is not None and not resume:
+    raise FileExistsError(
+        f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints ({latest!r}); "
+        "pass resume=True to continue that run, or use an empty folder")
+  if latest is not None:
+    latest, (start, hparams, opt_state, history) = _load_newest_intact(
+        checkpoint_dir, hparams, opt_state)
+    if start > num_iterations:
+      raise ValueError(
+          f"the checkpoint {latest!r} is after iteration {start}, past "
+          f"num_iterations={num_iterations}")
+    _emit(f"resuming from {latest} after iteration {start}", progress)
+  os.makedirs(checkpoint_dir, exist_ok=True)
+  return start, hparams, opt_state, history
 
-  step = _make_step(meta_loss_fn, optimizer, has_aux, key)
-  run_start = time.perf_counter()
-  for it in range(start, num_iterations):
-    tic = time.perf_counter()
-    try:
-      new_hparams, new_opt_state, loss, grads, grad_norm, aux = step(
-          hparams, opt_state, np.int32(it))
-      record = {
-          "iteration": it,
-          "meta_loss": float(loss),  # float() waits for the step, so the time below is true
-          "hypergrad_norm": float(grad_norm),
-          "seconds": time.perf_counter() - tic,
-          "aux": _scalar_leaves(aux),
-      }
-    except _STEP_ERRORS as error:
-      # A training run inside the step failed (e.g. it diverged out of the exact range): the
-      # finished iterations are kept on disk, and the caller sees the one error type this
-      # loop promises for values gone bad.
-      if checkpoint_dir is not None:
-        _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
-      raise FloatingPointError(
-          f"meta-iteration {it}: the meta-loss or its hypergradient failed: {error}") from error
-    history.append(record)
-    if not (math.isfinite(record["meta_loss"]) and math.isfinite(record["hypergrad_norm"])):
-      if checkpoint_dir is not None:
-        _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
-      raise FloatingPointError(
-          f"meta-iteration {it}: meta-loss {record['meta_loss']}, hypergradient norm "
-          f"{record['hypergrad_norm']}; the update was not applied")
-    if log_every and ((it + 1) % log_every == 0 or it + 1 == num_iterations):
-      elapsed = time.perf_counter() - run_start
-      left = elapsed / (it + 1 - start) * (num_iterations - it - 1)
-      _emit(
-          f"meta-iteration {it + 1}/{num_iterations}: meta-loss {record['meta_loss']:.6g}, "
-          f"|hypergradient| {record['hypergrad_norm']:.3g}, {record['seconds']:.2f} s "
-          f"(about {left:.0f} s left)", progress)
-    if callback is not None:
-      callback(MetaStep(it, hparams, grads, aux, record))
-    hparams, opt_state = new_hparams, new_opt_state
+
+def _evaluate(step, hparams, opt_state, it, history, checkpoint_dir):
+  """Runs iteration ``it`` and appends its record to ``history``.
+
+  Returns ``(new_hparams, new_opt_state, hypergrad, aux, record)``. A failed or non-finite
+  step raises ``FloatingPointError`` after writing the history (with the failed iteration
+  when it produced numbers), so that the finished iterations stay on disk.
+  """
+  tic = time.perf_counter()
+  try:
+    new_hparams, new_opt_state, loss, grads, grad_norm, aux = step(
+        hparams, opt_state, np.int32(it))
+    record = {
+        "iteration": it,
+        "meta_loss": float(loss),  # float() waits for the step, so the time below is true
+        "hypergrad_norm": float(grad_norm),
+        "seconds": time.perf_counter() - tic,
+        "aux": _scalar_leaves(aux),
+    }
+  except _STEP_ERRORS as error:
+    # A training run inside the step failed (e.g. it diverged out of the exact range): the
+    # finished iterations are kept on disk, and the caller sees the one error type this
+    # loop promises for values gone bad.
     if checkpoint_dir is not None:
       _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
-      if (it + 1) % checkpoint_every == 0 or it + 1 == num_iterations:
-        save_checkpoint(checkpoint_dir, it + 1, hparams, opt_state, history)
-  return MetaResult(hparams, opt_state, history)
+    raise FloatingPointError(
+        f"meta-iteration {it}: the meta-loss or its hypergradient failed: {error}") from error
+  history.append(record)
+  if not (math.isfinite(record["meta_loss"]) and math.isfinite(record["hypergrad_norm"])):
+    if checkpoint_dir is not None:
+      _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
+    raise FloatingPointError(
+        f"meta-iteration {it}: meta-loss {record['meta_loss']}, hypergradient norm "
+        f"{record['hypergrad_norm']}; the update was not applied")
+  return new_hparams, new_opt_state, grads, aux, record
+
+
+def _log_iteration(record, start, num_iterations, elapsed, progress):
+  """Logs one progress line; the time left extrapolates this run's iterations so far."""
+  it = record["iteration"]
+  left = elapsed / (it + 1 - start) * (num_iterations - it - 1)
+  _emit(
+      f"meta-iteration {it + 1}/{num_iterations}: meta-loss {record['meta_loss']:.6g}, "
+      f"|hypergradient| {record['hypergrad_norm']:.3g}, {record['seconds']:.2f} s "
+      f"(about {left:.0f} s left)", progress)
 
 
 def _make_step(meta_loss_fn, optimizer, has_aux, key):
