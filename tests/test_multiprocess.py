@@ -12,20 +12,14 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import revhyper
 from background import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "experiments", "launch_local.py")
 SCRIPT = os.path.join(ROOT, "tests", "multiprocess_checks.py")
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import launch_local  # noqa: E402  (experiments/ is no package)
-
 # The launcher's own timeout comes first, so that it kills its processes; the pool's is a
 # backstop for the launcher itself.
 LAUNCH_TIMEOUT = 400
@@ -168,32 +162,3 @@ def test_restarted_processes_end_bit_for_bit_where_an_uninterrupted_run_does(run
     assert a["final_bits"] == b["final_bits"] == alone[0]["final_bits"]
     assert a["meta_loss"] == b["meta_loss"] == alone[0]["meta_loss"]
     assert len(a["meta_loss"]) == 6
-
-
-def test_only_process_zero_writes_and_every_process_resumes(tmp_path, monkeypatch):
-  # One process standing in for process 1 of several: it writes nothing, and it resumes from
-  # what process 0 wrote.
-  meta_loss = lambda h: jnp.sum((h["a"] - 1.0) ** 2)
-  kw = dict(checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
-  first = revhyper.meta.meta_optimize(meta_loss, {"a": jnp.zeros(3)}, num_iterations=4, **kw)
-  written = sorted(os.listdir(tmp_path))
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  other = tmp_path / "other"
-  revhyper.meta.meta_optimize(meta_loss, {"a": jnp.zeros(3)}, num_iterations=4,
-                              **dict(kw, checkpoint_dir=other))
-  assert not other.exists() or not os.listdir(other)
-  resumed = revhyper.meta.meta_optimize(meta_loss, {"a": jnp.zeros(3)}, num_iterations=6,
-                                        **dict(kw, resume=True))
-  assert sorted(os.listdir(tmp_path)) == written  # read, not written
-  assert [r["meta_loss"] for r in resumed.history[:4]] == [
-      r["meta_loss"] for r in first.history]
-
-
-def test_launcher_gives_each_process_its_device_count():
-  env = launch_local.process_env(4, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-                                                  "--xla_backend_optimization_level=0"})
-  assert env["XLA_FLAGS"] == ("--xla_backend_optimization_level=0 "
-                              "--xla_force_host_platform_device_count=4")
-  assert launch_local.process_env(2, {})["XLA_FLAGS"] == (
-      "--xla_force_host_platform_device_count=2")
-  assert launch_local.exit_code(-9) == 137 and launch_local.exit_code(3) == 3
