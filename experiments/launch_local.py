@@ -70,8 +70,10 @@ def launch(argv, num_processes, devices_per_process, timeout=None, port=None):
   start = time.monotonic()
   procs, relays = [], []
   for i in range(num_processes):
-    command = [sys.executable, *argv, f"--coordinator=localhost:{port}",
-               f"--num_processes={num_processes}", f"--process_id={i}"]
+    command = [sys.executable, *argv]
+    if num_processes > 1:  # one process runs as it would without the launcher
+      command += [f"--coordinator=localhost:{port}", f"--num_processes={num_processes}",
+                  f"--process_id={i}"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, bufsize=1)
     procs.append(proc)

@@ -83,7 +83,7 @@ def test_each_process_sees_every_device_and_owns_four(checks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
 def test_round_trips_rebuild_every_process_shards_bit_for_bit(checks, layout):
   for result in checks:
     trip = result["layouts"][layout]
