@@ -7,7 +7,8 @@ each, joined by jax.distributed over gloo. The program per device is the same; w
 that the collectives of the loss cross processes, and that each process holds its own devices'
 state only. Prints, per configuration, the median time per training step of the sharded
 reversible hypergradient (forward and reverse), XLA's plan and loop state per device, every
-process's peak resident memory, and the error against the one-device run; writes
+process's peak resident memory (XLA's plan per device times the devices a process holds is its
+share of the device memory), and the error against the one-device run; writes
 --out_dir/comparison.json and each run's results.json under --out_dir/<processes>x<devices>.
 
   python experiments/benchmark_processes.py --out_dir /tmp/revhyper_processes -- \
@@ -56,16 +57,18 @@ def summary(results):
 
 
 def table(rows):
-  mib = lambda n: f"{n / 2**20:.0f} MiB"
+  mib = lambda n: f"{n / 2**20:.1f} MiB"
   lines = [f"{'layout':<22}{'time/step':>12}{'plan/device':>14}{'state/device':>14}"
-           f"{'peak memory per process':>32}{'error':>10}"]
+           f"{'plan/process':>14}{'peak memory per process':>32}{'error':>10}"]
   for r in rows:
     layout = f"{r['processes']} process x {r['devices_per_process']} dev"
     step = "-" if r["time_per_step_s"] is None else f"{r['time_per_step_s'] * 1e3:.0f} ms"
     error = "-" if r["error"] is None else f"{r['error']:.1e}"
     peaks = ", ".join(mib(p) for p in r["peak_memory_per_process_bytes"])
+    per_process = r["plan_per_device_bytes"] * r["devices_per_process"]
     lines.append(f"{layout:<22}{step:>12}{mib(r['plan_per_device_bytes']):>14}"
-                 f"{mib(r['loop_state_per_device_bytes']):>14}{peaks:>32}{error:>10}")
+                 f"{mib(r['loop_state_per_device_bytes']):>14}{mib(per_process):>14}"
+                 f"{peaks:>32}{error:>10}")
   return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from background import Job
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "experiments", "launch_local.py")
 SCRIPT = os.path.join(ROOT, "tests", "multiprocess_checks.py")
+BENCHMARK = os.path.join(ROOT, "experiments", "benchmark_sharded.py")
 # The launcher's own timeout comes first, so that it kills its processes; the pool's is a
 # backstop for the launcher itself.
 LAUNCH_TIMEOUT = 400
@@ -29,11 +30,11 @@ LAYOUTS = ["model_sgd_weight_decay", "model_adamw", "data_sgd_weight_decay", "da
 
 def jobs(folder):
   """Two processes for each check: every layout and the failures; three meta runs."""
-  def launch(name, *flags, **job):
+  def launch(name, *flags, script=SCRIPT, **job):
     out_dir = folder(name)
     argv = [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=4",
             f"--timeout={LAUNCH_TIMEOUT}", f"--summary={out_dir / 'summary.json'}", "--",
-            SCRIPT, f"--out_dir={out_dir}", *flags]
+            script, f"--out_dir={out_dir}", *flags]
     # Exactness holds at XLA's backend level 0 too (one program for both loops), in half the
     # compile time; the launcher sets each process's device count.
     env = {"PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
@@ -48,6 +49,9 @@ def jobs(folder):
                             "--kill_at=3", "--kill_process=1"),
       "meta_resumed": launch("meta_resumed", *meta, f"--checkpoint_dir={checkpoints}",
                              "--resume", after=("meta_killed",)),
+      # A launcher through launch_local.py, as the docs show it (it compiles at level 0).
+      "benchmark": launch("benchmark", "--quick", "--methods=reversible,reversible_one",
+                          script=BENCHMARK),
   }
 
 
@@ -162,3 +166,20 @@ def test_restarted_processes_end_bit_for_bit_where_an_uninterrupted_run_does(run
     assert a["final_bits"] == b["final_bits"] == alone[0]["final_bits"]
     assert a["meta_loss"] == b["meta_loss"] == alone[0]["meta_loss"]
     assert len(a["meta_loss"]) == 6
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_runs_on_two_processes(runs):
+  done = runs["benchmark"]
+  assert done.returncode == 0, done.output[-4000:]
+  with open(done.out_dir / "results.json") as f:
+    results = json.load(f)
+  machine = results["machine"]
+  assert (machine["num_processes"], machine["devices_per_process"]) == (2, 4)
+  assert results["config"]["devices"] == machine["num_devices"] == 8
+  assert results["complete"] is True
+  # Process 0 writes every process's peak memory; the one-device run is each process's own.
+  assert len(results["peak_memory_per_process_bytes"]) == 2
+  assert all(x > 0 for x in results["peak_memory_per_process_bytes"])
+  assert results["methods"]["reversible"]["error"] <= 1e-5
+  assert results["methods"]["reversible"]["time_per_step_s"] > 0
