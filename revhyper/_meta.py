@@ -285,8 +285,12 @@ def _evaluate(step, hparams, opt_state, it, history, checkpoint_dir):
     # loop promises for values gone bad.
     if checkpoint_dir is not None:
       _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
+    # A collective whose peer died fails here too, with an error of the same type.
+    also = ("; with several processes, another process may have died: see its log"
+            if jax.process_count() > 1 else "")
     raise FloatingPointError(
-        f"meta-iteration {it}: the meta-loss or its hypergradient failed: {error}") from error
+        f"meta-iteration {it}: the meta-loss or its hypergradient failed{also}: "
+        f"{error}") from error
   history.append(record)
   if not (math.isfinite(record["meta_loss"]) and math.isfinite(record["hypergrad_norm"])):
     if checkpoint_dir is not None:
