@@ -1,72 +1,19 @@
-"""``revhyper.adam``: Adam and AdamW (optax's update rule) as a reversible rule.
+"""``revhyper.adam``: Adam and AdamW (optax's update rule): ``revhyper.optim.adam``/``adamw``
+run by the shared engine, behind the signature it has had since its first release.
 
 Both moment decays are rational multiplies on the grid ``n / 2**31`` (bit-stack push/pop, as
 for the momentum), the moments' increments ``(1 - b1) g`` and ``(1 - b2) g**2`` are exact
 fixed-point additions, and the weights' increment, computed in floats from the new moments, is
-an exact addition too; a weight decay is one more rational multiply, of the weights. The
-engine (``_reversible``) and the methods (``_training``) are shared with ``sgd``.
+an exact addition too; a weight decay is one more rational multiply, of the weights.
 """
 
-import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from revhyper import _fixed_point
+from revhyper import _optim
 from revhyper import _reversible
-from revhyper import _schedules
 from revhyper import _training
 
 Stats = _reversible.Stats
-
-MU = _reversible.Slot("mu", _fixed_point.FIRST_MOMENT_BITS, _schedules.DECAY_BITS)
-NU = _reversible.Slot("nu", _fixed_point.SECOND_MOMENT_BITS, _schedules.DECAY_BITS)
-
-
-class AdamCoefs(NamedTuple):
-  """One step's coefficients, per leaf (scalars inside the scan, ``[T]`` arrays outside)."""
-
-  learning_rate: list
-  decay1: list  # 1 - b1, on the 2**-31 grid
-  decay2: list  # 1 - b2, on the 2**-31 grid
-  correction1: list  # 1 - prod_{s <= t} b1_s (optax: 1 - b1**(t + 1))
-  correction2: list  # 1 - prod_{s <= t} b2_s
-  eps: list
-  eps_root: list
-  weight_decay: Optional[list]  # learning_rate * weight_decay on the 2**-31 grid, or None
-
-
-@dataclasses.dataclass(frozen=True)
-class Adam(_reversible.Rule):
-  """Adam with bias correction, and AdamW's decoupled weight decay when ``weight_decay``."""
-
-  weight_decay: bool = False
-
-  slots = (MU, NU)
-  linear_in_gradient = False  # g**2
-
-  @property
-  def weight_decay_bits(self):
-    return _schedules.DECAY_BITS if self.weight_decay else None
-
-  def slot_increments(self, coefs, g):
-    g = [x.astype(c.dtype) for x, c in zip(g, coefs.decay1)]
-    return ([c * x for c, x in zip(coefs.decay1, g)],
-            [c * (x * x) for c, x in zip(coefs.decay2, g)])
-
-  def weight_increment(self, coefs, slots):
-    c = coefs
-    return [-lr * (mu / c1) / (jnp.sqrt(nu / c2 + root) + eps) for lr, mu, nu, c1, c2, eps, root
-            in zip(c.learning_rate, *slots, c.correction1, c.correction2, c.eps, c.eps_root)]
-
-  def update(self, coefs, w, slots, g):
-    mu = [(1 - c) * m + c * x for m, x, c in zip(slots[0], g, coefs.decay1)]
-    nu = [(1 - c) * v + c * (x * x) for v, x, c in zip(slots[1], g, coefs.decay2)]
-    if self.weight_decay:
-      w = [x - l * x for x, l in zip(w, coefs.weight_decay)]
-    return [x + y for x, y in zip(w, self.weight_increment(coefs, (mu, nu)))], (mu, nu)
 
 
 class AdamResult(NamedTuple):
@@ -78,67 +25,15 @@ class AdamResult(NamedTuple):
   stats: Stats  # diagnostics (not differentiable)
 
 
-def _check_finite(schedule, name, low=-np.inf):
-  for value in schedule.values:
-    if value is not None and not np.all(np.isfinite(value) & (value >= low)):
-      bad = value[~(np.isfinite(value) & (value >= low))]
-      rule = "finite" if low == -np.inf else f"finite and at least {low}"
-      raise ValueError(f"{name} must be {rule}, got {bad[:5]}.")
-
-
-def _bias_correction(amounts):
-  """``1 - prod_{s <= t} (1 - c_s)``, accurately for ``c`` near 0 (``b`` near 1)."""
-  return -jnp.expm1(jnp.cumsum(jnp.log1p(-amounts)))
-
-
 def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999, eps=1e-8,
              eps_root=0.0, weight_decay=0.0, mu=None, nu=None):
-  num_steps = _training.check_num_steps(loss_fn, num_steps)
-  leaves, treedef = _training.flatten_params(params)
-  mu_leaves = _training.flatten_like(mu, leaves, treedef, "mu")
-  nu_leaves = _training.flatten_like(nu, leaves, treedef, "nu")
-  for x in nu_leaves:
-    known = _schedules.concrete_value(x)
-    if known is not None and np.any(known < 0):
-      raise ValueError(f"nu must be non-negative (a second moment), got {known[known < 0][:5]}.")
-  closed_loss, hparams = _training.close_loss(loss_fn, leaves, treedef, hparams)
-  params = jax.tree_util.tree_unflatten(treedef, leaves)
-  schedule = lambda value, name: _schedules.broadcast(value, params, num_steps, name)
-  lrs, b1s, b2s = schedule(learning_rate, "learning_rate"), schedule(b1, "b1"), schedule(b2, "b2")
-  epss, roots = schedule(eps, "eps"), schedule(eps_root, "eps_root")
-  decays = schedule(weight_decay, "weight_decay")
-  _check_finite(lrs, "learning_rate")
-  _schedules.check_range(b1s, "b1", 0, 1)
-  _schedules.check_range(b2s, "b2", 0, 1)
-  _check_finite(epss, "eps", 0)
-  _check_finite(roots, "eps_root", 0)
-  invalid = (_schedules.runtime_invalid(lrs.arrays, [])
-             | _schedules.outside(b1s.arrays + b2s.arrays, 0, 1)
-             | _schedules.outside(epss.arrays + roots.arrays, 0, np.finfo(np.float32).max))
-  # The decays are quantized as amounts 1 - b, exact in floats for b in [1/2, 1].
-  amounts1 = _schedules.quantize_decay(_schedules.combine(lambda b: 1 - b, b1s), "b1")
-  amounts2 = _schedules.quantize_decay(_schedules.combine(lambda b: 1 - b, b2s), "b2")
-  compute = _training.compute_dtypes(leaves)
-  cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
-  weight_amounts, weight_numerators, bad = _training.quantize_weight_decay(lrs, decays, compute)
-  invalid |= bad
-  rule = Adam(weight_decay=weight_amounts is not None)
-  coefs = AdamCoefs(
-      learning_rate=cast(lrs.arrays),
-      decay1=cast(amounts1.amounts),
-      decay2=cast(amounts2.amounts),
-      correction1=cast([_bias_correction(c) for c in amounts1.amounts]),
-      correction2=cast([_bias_correction(c) for c in amounts2.amounts]),
-      eps=cast(epss.arrays),
-      eps_root=cast(roots.arrays),
-      weight_decay=weight_amounts)
-  steps = _reversible.Steps(
-      t=jnp.arange(num_steps, dtype=jnp.int32),
-      coefs=coefs,
-      numerators=(amounts1.numerators, amounts2.numerators),
-      weight_numerators=weight_numerators)
-  return _training.Problem(rule, closed_loss, treedef, leaves, (mu_leaves, nu_leaves), hparams,
-                           steps, invalid, present=tuple)
+  optimizer = _optim.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                           weight_decay=weight_decay)
+  states = {name: x for name, x in (("mu", mu), ("nu", nu)) if x is not None}
+  problem = _training.optimizer_problem(loss_fn, params, hparams, optimizer,
+                                        num_steps=num_steps, opt_state=states,
+                                        state_label=lambda name: name)
+  return problem._replace(present=tuple)
 
 
 _training.OPTIMIZERS["adam"] = _problem
@@ -198,7 +93,7 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
       bias correction counts from the first step of this call whatever they are, as optax's
       does from a fresh state.
     method: ``"reversible"``, ``"unroll"``, ``"checkpoint"``, or a configured
-      ``Reversible(...)`` (``min_momentum`` bounds ``b1``, ``b2`` and
+      ``Reversible(...)`` (``min_decay`` bounds ``b1``, ``b2`` and
       ``1 - learning_rate * weight_decay`` from below when they are traced), ``Unroll()`` or
       ``Checkpoint(...)``.
 
@@ -210,7 +105,7 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
     ValueError: bad arguments, naming the argument (non-float params, wrong schedule shape or
       structure, ``b1`` or ``b2`` outside [0, 1], a non-finite learning rate, negative ``eps``
       or ``nu``, ``learning_rate * weight_decay`` outside [0, 1], ``num_steps < 1``, traced
-      decays without ``Reversible(min_momentum=...)``).
+      decays without ``Reversible(min_decay=...)``).
     ReversalError: as for ``sgd`` (eager calls); under ``jit``: NaN outputs.
     TypeError: forward-mode or higher-order differentiation through ``Reversible``.
 
@@ -228,5 +123,5 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
   problem = _problem(loss_fn, params, hparams, num_steps=num_steps,
                      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                      weight_decay=weight_decay, mu=mu, nu=nu)
-  params_out, (mu_out, nu_out), stats = _training.train(method, problem)
+  params_out, (mu_out, nu_out), stats = _training.run(method, problem)
   return AdamResult(params_out, mu_out, nu_out, stats)

@@ -64,43 +64,24 @@ class Slot:
   denominator_bits: int  # D of its decay x -> x * n / 2**D
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """A reversible optimizer: its states, exact additive updates, rational decays, float update.
-
-  Subclasses are frozen dataclasses (hashable: part of the static ``Config``) and implement
-  the three methods on lists with one entry per parameter leaf; ``coefs`` is the rule's
-  NamedTuple of per-leaf coefficients at one step (scalars), ``slots`` a tuple with one list
-  per ``Slot``. The integer engine runs ``s <- s * n_s / 2**D_s + slot_increments(coefs, g)``
-  and ``w <- w * n_w / 2**D_w + weight_increment(coefs, s)``; ``update`` must compute the same
-  step in floats, with the decays as multiplications by the rounded factors carried in
-  ``coefs``, so that the float methods run the same dynamics and its vjp gives the cotangents.
-  """
-
-  slots = ()  # tuple of Slot
-  # D of the weights' own decay (decoupled weight decay); None: the weights are not multiplied.
-  weight_decay_bits = None
-  # The update is linear in g with a Jacobian independent of (s_t, g_t), so that the backward
-  # pass can take g's cotangent before recomputing g (and share the gradient pass).
-  linear_in_gradient = False
-  # Compute the increments between optimization barriers (see ``_weight_increment``); a rule
-  # whose increments are single multiplications, which round alike however XLA fuses them,
-  # may skip the fence and its cost.
-  fence_increments = True
-
-  def slot_increments(self, coefs, g):
-    """The float increments added to each slot after its decay: a tuple of per-leaf lists."""
-    raise NotImplementedError
-
-  def weight_increment(self, coefs, slots):
-    """The float increment added to the weights after their decay, from the new slots."""
-    raise NotImplementedError
-
-  def update(self, coefs, w, slots, g):
-    """One step in floats: ``(w_{t+1}, s_{t+1})`` from ``(w_t, s_t, g_t)``."""
-    raise NotImplementedError
-
-
+# The engine runs a ``_optim.Program`` (the "rule" of a ``Config``): a hashable description
+# of one optimizer step that it reads through these attributes and methods alone, on lists
+# with one entry per parameter leaf (``coefs``: one dict of per-leaf values per component):
+#
+#   slots                      tuple of Slot: the states, in the order of their increments
+#   weight_decay_bits          D of the weights' own decay, or None (no decoupled decay)
+#   linear_in_gradient         the step is linear in g with a Jacobian free of (s_t, g_t)
+#   fence_increments           compute the increments between optimization barriers
+#   has_transforms             the gradient is transformed before the states read it
+#   reads                      per state, the indices of the states its increment reads
+#   transform_gradient(coefs, w, g)      -> g (clipping, coupled L2)
+#   slot_increment(i, coefs, g, slots)   -> state i's float increment after the decays
+#   weight_increment(coefs, slots)       -> the weights' float increment from the new states
+#   update(coefs, w, slots, g)           -> (w', slots'): the same step in floats
+#
+# The integer engine runs, per step: every state s_i <- s_i * n_i / 2**D (one batched rANS
+# multiply); then s_i += slot_increment(i) in order; then w <- w * n_w / 2**D_w (a decoupled
+# weight decay) and w += weight_increment. It knows nothing of what the states mean.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,14 +112,14 @@ class Config:
   """Everything static about one reversible run (hashable: a custom_vjp nondiff argument)."""
 
   loss_fn: Callable  # loss_fn(param_leaves: list, hparams, t) -> scalar; closure-free, hashable.
-  rule: Rule
+  rule: Any  # the optimizer step: an _optim.Program (see the interface above)
   layout: Layout
   num_steps: int
   capacity_chunks: tuple  # one per bit stack: (slots' decays, weights' decay if any)
   share_gradient: bool
   checks: bool
   check_reversal: bool
-  min_momentum: Any  # the bound the user gave for a traced decay (for messages), or None
+  min_decay: Any  # the bound the user gave for a traced decay (for messages), or None
   # The caller's x64 setting: the loss runs under it, not under the scoped x64 that the
   # integer arithmetic needs, so that unannotated arrays in loss_fn keep the caller's dtypes.
   user_x64: bool
@@ -273,18 +254,46 @@ def _unflat(flat, num_slots):
   return tuple(flat[i * size:(i + 1) * size] for i in range(num_slots))
 
 
-def _slot_bits(config):
-  """Static D per group of the slots' bit stack: one group per slot and leaf."""
-  return tuple(slot.denominator_bits for slot in config.rule.slots
-               for _ in config.layout.shapes)
+class Stage(NamedTuple):
+  """One bit stack: the rational multiplies of one point of the step, all groups at once.
+
+  A group is one parameter leaf's lanes in one decayed state; ``copies`` groups per leaf.
+  """
+
+  name: str  # "states" (every state's decay) or "weights" (a decoupled weight decay)
+  bits: tuple  # static D of each group: multiplies by n / 2**D
+  copies: int  # groups per parameter leaf
+
+  @property
+  def head_bits(self):
+    return _bitstack.head_bits(self.bits[0])
 
 
-def _head_bits(config):
-  """``k`` of each bit stack (slots' decays, weights' decay): one width per stack."""
-  ks = (_bitstack.head_bits(config.rule.slots[0].denominator_bits),)
-  if config.rule.weight_decay_bits is not None:
-    ks += (_bitstack.head_bits(config.rule.weight_decay_bits),)
-  return ks
+def stages(rule, num_leaves):
+  """The bit stacks of a rule's step, in the order of the state's ``stacks``."""
+  out = []
+  if rule.slots:
+    out.append(Stage("states", tuple(s.denominator_bits for s in rule.slots
+                                     for _ in range(num_leaves)), len(rule.slots)))
+  if rule.weight_decay_bits is not None:
+    out.append(Stage("weights", (rule.weight_decay_bits,) * num_leaves, 1))
+  return tuple(out)
+
+
+def stage_numerators(stage, steps):
+  """The per-group numerator schedules of a stage (``Steps`` or one step of them)."""
+  return _flat(steps.numerators) if stage.name == "states" else list(steps.weight_numerators)
+
+
+def _stages(config):
+  return stages(config.rule, len(config.layout.shapes))
+
+
+def _stage_shards(config, stage):
+  """The layout of a stage's groups: each group is laid out like its parameter leaf."""
+  if config.shards is None:
+    return None
+  return dataclasses.replace(config.shards, specs=config.shards.specs * stage.copies)
 
 
 def _bases(numerators, bits):
@@ -294,39 +303,63 @@ def _bases(numerators, bits):
   return numerators, jnp.min(jnp.stack(bases)).astype(jnp.float64)
 
 
-def _stack_shards(config):
-  """The layout of each bit stack's groups: the slots' stack holds one group per slot and leaf."""
-  if config.shards is None:
-    return (None, None)
-  slots = dataclasses.replace(config.shards, specs=config.shards.specs * len(config.rule.slots))
-  return (slots, config.shards)
-
-
-def _decay(stack, values, numerators, bits, shards, inverse=False):
+def _decay(config, stage, stacks, values, step, inverse=False):
   """The rational multiplies of one stage, all groups at once (one renormalisation)."""
+  index = _stages(config).index(stage)
   op = _bitstack.divide if inverse else _bitstack.multiply
-  numerators, min_base = _bases(numerators, bits)
-  return op(stack, values, numerators, min_base, bits, shards=shards)
+  numerators, min_base = _bases(stage_numerators(stage, step), stage.bits)
+  stack, values = op(stacks[index], values, numerators, min_base, stage.bits,
+                     shards=_stage_shards(config, stage))
+  return stacks[:index] + (stack,) + stacks[index + 1:], values
 
 
-def _slot_increments(config, coefs, g):
-  """The rule's slot increments, fenced like the gradient (see ``_weight_increment``)."""
-  if not config.rule.fence_increments:
-    return config.rule.slot_increments(coefs, g)
-  return _barrier(config.rule.slot_increments(*_barrier((coefs, g))))
+def _stage(config, name):
+  return next(st for st in _stages(config) if st.name == name)
 
 
-def _weight_increment(config, coefs, slots):
-  """The rule's weight increment, between optimization barriers.
+def _fenced(config, fn, *args):
+  """``fn(*args)`` between optimization barriers when the rule asks for it.
 
-  Reversal subtracts the very float the forward step added, so the increment must be computed
+  Reversal subtracts the very float the forward step added, so an increment must be computed
   bit for bit alike in both loops; without the fence XLA fuses it with its neighbours (the
   backward pass's vjp of the same expressions) and, for Adam's divisions and square root,
   measurably did not round alike.
   """
   if not config.rule.fence_increments:
-    return config.rule.weight_increment(coefs, slots)
-  return _barrier(config.rule.weight_increment(*_barrier((coefs, slots))))
+    return fn(*args)
+  return _barrier(fn(*_barrier(args)))
+
+
+def _transformed_gradient(config, coefs, w_int, g):
+  """``g_t`` in the compute dtypes, through the chain's gradient transforms (if any)."""
+  g = _cast(g, [_fixed_point.compute_dtype(d) for d in config.layout.dtypes])
+  if not config.rule.has_transforms:
+    return g
+  w = _compute_leaves(config, w_int)
+  return _fenced(config, config.rule.transform_gradient, coefs, w, g)
+
+
+def _add_increments(config, coefs, g, slots, sign):
+  """Adds (``sign`` 1) or subtracts (-1, in the reverse order) every state's increment.
+
+  Each increment reads the gradient and the states it declared, as they are at its turn; the
+  reverse order meets them in the same values. Returns ``(slots, in_range masks)``.
+  """
+  rule = config.rule
+  slots, checks = list(slots), []
+  order = range(len(rule.slots)) if sign > 0 else reversed(range(len(rule.slots)))
+  for i in order:
+    reads = tuple(_compute_leaves(config, slots[j], rule.slots[j].fractional_bits)
+                  if j in rule.reads[i] else None for j in range(len(slots)))
+    inc = _fenced(config, functools.partial(rule.slot_increment, i), coefs, g, reads)
+    slots[i], ok = _add(slots[i], inc, rule.slots[i].fractional_bits, sign)
+    checks.append(ok)
+  return tuple(slots), checks
+
+
+def _weight_increment(config, coefs, slots):
+  """The rule's weight increment from the new states, fenced (see ``_fenced``)."""
+  return _fenced(config, config.rule.weight_increment, coefs, slots)
 
 
 def _discarded_tangent(config, state, form):
@@ -343,18 +376,14 @@ def _forward_step(config, hparams, form, state, step):
   w_leaves = _float_leaves(config, state.w)
   g, _ = _gradient(config, w_leaves, hparams, step.t, form,
                    _discarded_tangent(config, state, form))
-  slot_stack, slots = _decay(state.stacks[0], _flat(state.slots),
-                             _flat(step.numerators), _slot_bits(config), _stack_shards(config)[0])
-  slots, checks = list(_unflat(slots, len(rule.slots))), []
-  for i, (slot, inc) in enumerate(zip(rule.slots, _slot_increments(config, step.coefs, g))):
-    slots[i], ok = _add(slots[i], inc, slot.fractional_bits)
-    checks.append(ok)
+  g = _transformed_gradient(config, step.coefs, state.w, g)
+  stacks, slots = _decay(config, _stage(config, "states"), state.stacks, _flat(state.slots),
+                         step)
+  slots, checks = _add_increments(config, step.coefs, g, _unflat(slots, len(rule.slots)), 1)
   slot_floats = _slot_floats(config, slots)
-  w, stacks = state.w, (slot_stack,)
+  w = state.w
   if rule.weight_decay_bits is not None:
-    weight_stack, w = _decay(state.stacks[1], w, step.weight_numerators,
-                             (rule.weight_decay_bits,) * len(w), _stack_shards(config)[1])
-    stacks += (weight_stack,)
+    stacks, w = _decay(config, _stage(config, "weights"), stacks, w, step)
   w, w_ok = _add(w, _weight_increment(config, step.coefs, slot_floats))
   # The states entering the additions are in range and so are the increments: no sum wrapped.
   # (A decay moves a value by at most 2**16 + 1 grid units beyond |x| n / d.) The final state
@@ -362,33 +391,27 @@ def _forward_step(config, hparams, form, state, step):
   states_ok = [_fixed_point.in_range(x) for x in w_leaves]
   for slot, floats in zip(rule.slots, slot_floats):
     states_ok = _and(states_ok, [_fixed_point.in_range(x, slot.fractional_bits) for x in floats])
-  return State(w, tuple(slots), stacks, _and(state.in_range, w_ok, states_ok, *checks))
+  return State(w, slots, stacks, _and(state.in_range, w_ok, states_ok, *checks))
 
 
 def _undo_weights(config, state, step):
   """Undoes ``w_{t+1} = decay(w_t) + weight_increment(s_{t+1})``; returns the state with
   ``w_t`` and the new slots' floats ``s_{t+1}`` (compute dtypes)."""
-  rule = config.rule
   slots_next = _slot_floats(config, state.slots)
   w, _ = _add(state.w, _weight_increment(config, step.coefs, slots_next), sign=-1)
   stacks = state.stacks
-  if rule.weight_decay_bits is not None:
-    weight_stack, w = _decay(stacks[1], w, step.weight_numerators,
-                             (rule.weight_decay_bits,) * len(w), _stack_shards(config)[1],
-                             inverse=True)
-    stacks = (stacks[0], weight_stack)
+  if config.rule.weight_decay_bits is not None:
+    stacks, w = _decay(config, _stage(config, "weights"), stacks, w, step, inverse=True)
   return state._replace(w=w, stacks=stacks), slots_next
 
 
 def _undo_slots(config, state, g, step):
-  """Undoes ``s_{t+1} = decay(s_t) + slot_increments(g_t)`` given the recomputed ``g_t``."""
-  rule = config.rule
-  slots = [_add(x, inc, slot.fractional_bits, sign=-1)[0] for x, inc, slot
-           in zip(state.slots, _slot_increments(config, step.coefs, g), rule.slots)]
-  slot_stack, slots = _decay(state.stacks[0], _flat(slots), _flat(step.numerators),
-                             _slot_bits(config), _stack_shards(config)[0], inverse=True)
-  return state._replace(slots=_unflat(slots, len(rule.slots)),
-                        stacks=(slot_stack,) + state.stacks[1:])
+  """Undoes ``s_{t+1} = decay(s_t) + increments(g_t)`` given the recomputed ``g_t``."""
+  g = _transformed_gradient(config, step.coefs, state.w, g)
+  slots, _ = _add_increments(config, step.coefs, g, state.slots, -1)
+  stacks, slots = _decay(config, _stage(config, "states"), state.stacks, _flat(slots), step,
+                         inverse=True)
+  return state._replace(slots=_unflat(slots, len(config.rule.slots)), stacks=stacks)
 
 
 def _reverse_step(config, hparams, form, state, step):
@@ -406,12 +429,10 @@ def _initial_state(config, params, slots):
   in_range = [ok for _, ok in w_parts]
   for parts in slot_parts:
     in_range = _and(in_range, [ok for _, ok in parts])
-  shapes = config.layout.shapes
-  ks, shards = _head_bits(config), _stack_shards(config)
-  stacks = (_bitstack.empty(shapes * len(config.rule.slots), config.capacity_chunks[0], ks[0],
-                            shards[0]),)
-  if config.rule.weight_decay_bits is not None:
-    stacks += (_bitstack.empty(shapes, config.capacity_chunks[1], ks[1], shards[1]),)
+  stacks = tuple(
+      _bitstack.empty(config.layout.shapes * stage.copies, chunks, stage.head_bits,
+                      _stage_shards(config, stage))
+      for stage, chunks in zip(_stages(config), config.capacity_chunks))
   return State(
       w=_sharding.constrain([x for x, _ in w_parts], config.shards),
       slots=tuple(_sharding.constrain([x for x, _ in parts], config.shards)
@@ -457,7 +478,7 @@ class Stats(NamedTuple):
     if not failed.any():
       return
     where = "" if failed.ndim == 0 else f" (batch elements {np.flatnonzero(failed).tolist()})"
-    reasons = [message for flag, message in failure_messages(self, min_momentum=...)
+    reasons = [message for flag, message in failure_messages(self, min_decay=...)
                if np.any(np.asarray(flag))]
     raise _errors.ReversalError(f"training run failed{where}: " + " ".join(reasons))
 
@@ -479,26 +500,19 @@ NON_FINITE = (
     "diverged, e.g. from too large a learning rate.")
 
 
-def _decays(config, steps):
-  """``(numerators, D)`` of every group of every bit stack, in the stacks' order."""
-  pairs = list(zip(_flat(steps.numerators), _slot_bits(config)))
-  if config.rule.weight_decay_bits is not None:
-    pairs += [(n, config.rule.weight_decay_bits) for n in steps.weight_numerators]
-  return pairs
-
-
 def _stats(config, state, steps, invalid, params_out, slots_out):
   # Sharded, a replicated leaf's lanes are held (and count) once per device that holds them.
   sizes = _sharding.held_sizes(config.layout.shapes, config.shards)
   bound = jnp.zeros((), jnp.float64)
-  for size, (n, bits) in zip(sizes * (len(config.rule.slots) + 1), _decays(config, steps)):
-    # A factor of 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
-    n = n.astype(jnp.float64)
-    bound += size * jnp.sum(jnp.where(n == 2.0**bits, 0.0, bits - jnp.log2(n)))
-  stored = sum(_bitstack.stored_bits(stack, k, shards) for stack, k, shards
-               in zip(state.stacks, _head_bits(config), _stack_shards(config)))
+  stored = jnp.zeros((), jnp.float64)
+  for stage, stack in zip(_stages(config), state.stacks):
+    for size, n, bits in zip(sizes * stage.copies, stage_numerators(stage, steps), stage.bits):
+      # A factor of 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
+      n = n.astype(jnp.float64)
+      bound += size * jnp.sum(jnp.where(n == 2.0**bits, 0.0, bits - jnp.log2(n)))
+    stored += _bitstack.stored_bits(stack, stage.head_bits, _stage_shards(config, stage))
   lanes_steps = max(sum(sizes) * config.num_steps, 1)
-  lanes = sum(sizes) * (len(config.rule.slots) + (config.rule.weight_decay_bits is not None))
+  lanes = sum(sizes) * sum(stage.copies for stage in _stages(config))
   capacity = _bitstack.CHUNK_BITS * (sum(st.tail.size for st in state.stacks) + lanes)
   return Stats(
       bits_stored=stored.astype(jnp.float32),
@@ -513,18 +527,18 @@ def _stats(config, state, steps, invalid, params_out, slots_out):
   )
 
 
-def failure_messages(stats, min_momentum=None):
+def failure_messages(stats, min_decay=None):
   """``(flag, message)`` for every kind of failure that ``stats`` records, most specific first."""
-  if min_momentum is ...:  # not known where the statistics are read
-    stack_hint = ("a momentum (or decay) fell below the min_momentum given to "
-                  "revhyper.Reversible for a traced momentum; lower min_momentum")
-  elif min_momentum is None:
-    # The capacity was computed from the momenta themselves, with a proven bound.
-    stack_hint = ("the capacity computed from the momentum schedule was too small, which "
+  if min_decay is ...:  # not known where the statistics are read
+    stack_hint = ("a decay (momentum, b1, b2, ...) fell below the min_decay given to "
+                  "revhyper.Reversible for a traced decay; lower min_decay")
+  elif min_decay is None:
+    # The capacity was computed from the decays themselves, with a proven bound.
+    stack_hint = ("the capacity computed from the decay schedules was too small, which "
                   "should not happen; please report it")
   else:
-    stack_hint = (f"a momentum (or decay) fell below the min_momentum={min_momentum} given to "
-                  "revhyper.Reversible; lower min_momentum")
+    stack_hint = (f"a decay (momentum, b1, b2, ...) fell below the min_decay={min_decay} "
+                  "given to revhyper.Reversible; lower min_decay")
   return [
       (stats.invalid_hyperparameters, INVALID_HYPERPARAMETERS),
       (stats.fixed_point_overflow,
@@ -540,7 +554,7 @@ def failure_messages(stats, min_momentum=None):
   ]
 
 
-def check(stats, checks, min_momentum=None):
+def check(stats, checks, min_decay=None):
   """Raises ``ReversalError`` for a failed run whose stats are concrete (eager calls).
 
   Returns the bool scalar to poison the outputs with: ``stats.failed`` where the checks are
@@ -549,7 +563,7 @@ def check(stats, checks, min_momentum=None):
   if not checks:
     return jnp.zeros((), jnp.bool_)
   concrete = True
-  for flag, message in failure_messages(stats, min_momentum):
+  for flag, message in failure_messages(stats, min_decay):
     concrete &= _errors.raise_if(flag, message)
   return jnp.zeros((), jnp.bool_) if concrete else stats.failed
 
@@ -610,7 +624,7 @@ def _forward(config, params, slots, hparams, steps, invalid, form):
     state, _ = jax.lax.scan(step_fn, state, steps)
     params_out, slots_out, state = _outputs(config, state)
     stats = _stats(config, state, steps, invalid, params_out, slots_out)
-  failed = check(stats, config.checks, config.min_momentum)
+  failed = check(stats, config.checks, config.min_decay)
   params_out, slots_out = _errors.poison(failed, (params_out, slots_out))
   return params_out, slots_out, stats, state, failed
 
@@ -689,7 +703,8 @@ def _run_bwd(config, residuals, cotangents):
            dh)
   with jax.enable_x64(True):
     state = state._replace(stacks=tuple(
-        _bitstack.for_popping(st, sh) for st, sh in zip(state.stacks, _stack_shards(config))))
+        _bitstack.for_popping(st, _stage_shards(config, stage))
+        for st, stage in zip(state.stacks, _stages(config))))
     (state, dw, dslots, dh), dcoefs = jax.lax.scan(
         body, (state,) + carry[1:], steps, reverse=True)
   if config.check_reversal:
@@ -739,8 +754,8 @@ def _exact(config, state, reference):
 
 def _all_empty(config, state):
   return functools.reduce(jnp.logical_and, [
-      _bitstack.is_empty(st, k, sh)
-      for st, k, sh in zip(state.stacks, _head_bits(config), _stack_shards(config))])
+      _bitstack.is_empty(st, stage.head_bits, _stage_shards(config, stage))
+      for st, stage in zip(state.stacks, _stages(config))])
 
 
 _run.defvjp(_run_fwd, _run_bwd)
@@ -786,7 +801,8 @@ def train_and_reverse(config, params, slots, hparams, steps, invalid):
   with jax.enable_x64(True):
     initial = _initial_state(config, params, slots)
     state = state._replace(stacks=tuple(
-        _bitstack.for_popping(st, sh) for st, sh in zip(state.stacks, _stack_shards(config))))
+        _bitstack.for_popping(st, _stage_shards(config, stage))
+        for st, stage in zip(state.stacks, _stages(config))))
     rebuilt, _ = jax.lax.scan(body, state, steps, reverse=True)
     rebuilt_params, rebuilt_slots, _ = _outputs(config, rebuilt)
     reconstruction = Reconstruction(

@@ -1,60 +1,15 @@
-"""``revhyper.sgd``: momentum SGD, with optional decoupled weight decay, as a reversible rule.
-
-The rule (``SGD``) is all that is specific to this optimizer: its one state (the velocity),
-its exact additive updates, its rational multiplies (the momentum on ``n / 2**16``, the weight
-decay on ``n / 2**31``) and its float update. The engine (``_reversible``) and the methods
-(``_training``) are shared with every other optimizer.
+"""``revhyper.sgd``: momentum SGD in the paper's convention, with optional decoupled weight
+decay: ``revhyper.optim.heavy_ball`` run by the shared engine, behind the signature it has had
+since the first release.
 """
 
-import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-
+from revhyper import _optim
 from revhyper import _reversible
-from revhyper import _schedules
 from revhyper import _training
 
 Stats = _reversible.Stats
-
-VELOCITY = _reversible.Slot("velocity", fractional_bits=48, denominator_bits=16)
-
-
-class SGDCoefs(NamedTuple):
-  """One step's coefficients, per leaf (scalars inside the scan, ``[T]`` arrays outside)."""
-
-  alpha: list  # learning rate
-  gamma: list  # momentum n / 2**16
-  decay: Optional[list]  # alpha * lambda on the 2**-31 grid, or None without weight decay
-
-
-@dataclasses.dataclass(frozen=True)
-class SGD(_reversible.Rule):
-  """Momentum SGD in this library's convention, with optional decoupled weight decay."""
-
-  weight_decay: bool = False
-
-  slots = (VELOCITY,)
-  linear_in_gradient = True
-  fence_increments = False  # (1 - gamma) * g and alpha * v: one multiplication each
-
-  @property
-  def weight_decay_bits(self):
-    return _schedules.DECAY_BITS if self.weight_decay else None
-
-  def slot_increments(self, coefs, g):
-    # (1 - gamma) is exact for gamma = n / 2**16; one float rounding, recomputed identically.
-    return ([-((1 - c) * x.astype(c.dtype)) for c, x in zip(coefs.gamma, g)],)
-
-  def weight_increment(self, coefs, slots):
-    return [a * v for a, v in zip(coefs.alpha, slots[0])]
-
-  def update(self, coefs, w, slots, g):
-    v = [c * x - (1 - c) * y for x, y, c in zip(slots[0], g, coefs.gamma)]
-    if self.weight_decay:
-      w = [x - l * x for x, l in zip(w, coefs.decay)]
-    return [x + a * y for x, y, a in zip(w, v, coefs.alpha)], (v,)
 
 
 class SGDResult(NamedTuple):
@@ -67,30 +22,11 @@ class SGDResult(NamedTuple):
 
 def _problem(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocity=None,
              weight_decay=0.0):
-  num_steps = _training.check_num_steps(loss_fn, num_steps)
-  leaves, treedef = _training.flatten_params(params)
-  v_leaves = _training.flatten_like(velocity, leaves, treedef, "velocity")
-  closed_loss, hparams = _training.close_loss(loss_fn, leaves, treedef, hparams)
-  params = jax.tree_util.tree_unflatten(treedef, leaves)
-  alphas = _schedules.broadcast(learning_rate, params, num_steps, "learning_rate")
-  gammas = _schedules.broadcast(momentum, params, num_steps, "momentum")
-  decays = _schedules.broadcast(weight_decay, params, num_steps, "weight_decay")
-  _schedules.check_concrete(alphas, gammas)
-  invalid = _schedules.runtime_invalid(alphas.arrays, gammas.arrays)
-  momenta = _schedules.quantize_momentum(gammas)
-  # The step computes in each leaf's compute dtype; n / 2**16 is exact in it.
-  compute = _training.compute_dtypes(leaves)
-  cast = lambda arrays: [x.astype(d) for x, d in zip(arrays, compute)]
-  decay, weight_numerators, bad = _training.quantize_weight_decay(alphas, decays, compute)
-  invalid |= bad
-  rule = SGD(weight_decay=decay is not None)
-  steps = _reversible.Steps(
-      t=jnp.arange(num_steps, dtype=jnp.int32),
-      coefs=SGDCoefs(alpha=cast(alphas.arrays), gamma=cast(momenta.values), decay=decay),
-      numerators=(momenta.numerators,),
-      weight_numerators=weight_numerators)
-  return _training.Problem(rule, closed_loss, treedef, leaves, (v_leaves,), hparams, steps,
-                           invalid, present=lambda slots: slots[0])
+  problem = _training.optimizer_problem(
+      loss_fn, params, hparams, _optim.heavy_ball(learning_rate, momentum, weight_decay),
+      num_steps=num_steps, opt_state=None if velocity is None else {"velocity": velocity},
+      state_label=lambda name: name)
+  return problem._replace(present=lambda slots: slots[0])
 
 
 _training.OPTIMIZERS["sgd"] = _problem
@@ -162,7 +98,7 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
     ValueError: bad arguments (non-float params, wrong schedule shape or structure, momentum
       or ``learning_rate * weight_decay`` outside [0, 1], non-finite learning rate,
       ``num_steps < 1``, traced momentum or weight decay without
-      ``Reversible(min_momentum=...)``).
+      ``Reversible(min_decay=...)``).
     ReversalError: when the values are concrete (an eager call, or an eager ``jax.grad``),
       and the training leaves the fixed-point range (a diverging run), overflows the bit
       stack, has invalid hyperparameters or non-finite results. Under ``jit``: NaN outputs.
@@ -182,5 +118,5 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
   problem = _problem(loss_fn, params, hparams, num_steps=num_steps,
                      learning_rate=learning_rate, momentum=momentum, velocity=velocity,
                      weight_decay=weight_decay)
-  params_out, (velocity_out,), stats = _training.train(method, problem)
+  params_out, (velocity_out,), stats = _training.run(method, problem)
   return SGDResult(params_out, velocity_out, stats)

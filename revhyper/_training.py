@@ -25,6 +25,7 @@ from jax._src import core as jax_core
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
+from revhyper import _optim
 from revhyper import _reversible
 from revhyper import _schedules
 from revhyper import _sharding
@@ -37,11 +38,12 @@ class Reversible:
   """Exact reversal: train on an integer grid, run training backwards in the backward pass.
 
   Attributes:
-    min_momentum: a lower bound on every momentum, needed only when the momentum is traced
-      (e.g. a meta-objective under ``jax.jit``), since the bit stack's size must be static:
-      it holds about ``num_steps * log2(1 / min_momentum)`` bits per weight. With a concrete
-      momentum the capacity comes from its values. It bounds every other traced decay alike:
-      ``1 - learning_rate * weight_decay`` for ``sgd`` and ``adam``, and ``b1``, ``b2``.
+    min_decay: a lower bound on every decay factor (momentum, ``b1``, ``b2``, ``1 -
+      learning_rate * weight_decay``, ...), needed only when a decay is traced (e.g. a
+      meta-objective under ``jax.jit``), since the bit stack's size must be static: it holds
+      about ``num_steps * log2(1 / min_decay)`` bits per weight and decay. With concrete
+      decays the capacity comes from their values.
+    min_momentum: the former name of ``min_decay``, kept as an alias.
     share_gradient: take the recomputed gradient from the same forward-over-reverse pass that
       gives the Hessian-vector products, instead of computing it separately (about 1.6 instead
       of 2.6 gradient evaluations per backward step). ``None`` (default) chooses by backend:
@@ -65,7 +67,7 @@ class Reversible:
       evenly.
   """
 
-  min_momentum: Optional[float] = None
+  min_decay: Optional[float] = None
   share_gradient: Optional[bool] = None
   checks: bool = True
   check_reversal: bool = False
@@ -74,9 +76,15 @@ class Reversible:
   # param_specs as (treedef, leaves): hashable, since the method is part of a static config.
   _spec_leaves: Any = dataclasses.field(default=None, init=False, repr=False)
 
-  def __post_init__(self):
-    if self.min_momentum is not None and not 0 <= self.min_momentum <= 1:
-      raise ValueError(f"min_momentum must lie in [0, 1], got {self.min_momentum}.")
+  min_momentum: dataclasses.InitVar[Optional[float]] = None
+
+  def __post_init__(self, min_momentum):
+    if min_momentum is not None:
+      if self.min_decay is not None and self.min_decay != min_momentum:
+        raise ValueError("min_momentum is the former name of min_decay: give one of them.")
+      object.__setattr__(self, "min_decay", min_momentum)
+    if self.min_decay is not None and not 0 <= self.min_decay <= 1:
+      raise ValueError(f"min_decay must lie in [0, 1], got {self.min_decay}.")
     if self.mesh is None:
       if self.param_specs is not None:
         raise ValueError("param_specs needs a mesh: Reversible(mesh=..., param_specs=...).")
@@ -205,7 +213,7 @@ def _close_loss(loss_on_leaves, leaves, hparams):
 class Problem(NamedTuple):
   """Validated, flattened inputs of one training run, for any method."""
 
-  rule: Any  # the optimizer's _reversible.Rule
+  rule: Any  # the optimizer's _optim.Program
   loss_fn: Any  # _ClosedLoss: loss_fn(param_leaves, (hparams, consts), t)
   treedef: Any
   params: list
@@ -214,6 +222,49 @@ class Problem(NamedTuple):
   steps: _reversible.Steps
   invalid: jax.Array  # bool []: a traced hyperparameter is invalid
   present: Any  # slots (tuple of pytrees like params) -> the optimizer's public state
+
+
+def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_state=None,
+                      state_label=lambda name: f"opt_state[{name!r}]"):
+  """Validates a run of a ``revhyper.optim`` optimizer into a ``Problem``.
+
+  Args:
+    opt_state: None (every state starts at 0) or a dict from state names to pytrees like
+      ``params`` (missing names start at 0).
+    state_label: how errors name a state's initial value.
+  """
+  num_steps = check_num_steps(loss_fn, num_steps)
+  if not isinstance(optimizer, _optim.Optimizer):
+    raise ValueError(f"optimizer must be a revhyper.optim optimizer (e.g. "
+                     f"revhyper.optim.adam(1e-3)), got {type(optimizer).__name__}.")
+  leaves, treedef = flatten_params(params)
+  rule = optimizer.rule
+  names = [st.name for st in rule.states]
+  opt_state = {} if opt_state is None else opt_state
+  if not isinstance(opt_state, dict) or set(opt_state) - set(names):
+    raise ValueError(f"opt_state must be a dict with keys among the optimizer's states "
+                     f"{names}, got {opt_state if not isinstance(opt_state, dict) else sorted(opt_state)}.")
+  slots = []
+  for st in rule.states:
+    state_leaves = flatten_like(opt_state.get(st.name), leaves, treedef, state_label(st.name))
+    if st.nonnegative:
+      for x in state_leaves:
+        known = _schedules.concrete_value(x)
+        if known is not None and np.any(known < 0):
+          raise ValueError(f"{state_label(st.name)} must be non-negative (a second moment), "
+                           f"got {known[known < 0][:5]}.")
+    slots.append(state_leaves)
+  closed_loss, hparams = close_loss(loss_fn, leaves, treedef, hparams)
+  prepared = _optim.prepare(optimizer, jax.tree_util.tree_unflatten(treedef, leaves), leaves,
+                            num_steps)
+  steps = _reversible.Steps(
+      t=jnp.arange(num_steps, dtype=jnp.int32),
+      coefs=prepared.coefs,
+      numerators=prepared.numerators,
+      weight_numerators=prepared.weight_numerators)
+  return Problem(_optim.program(optimizer, prepared.weight_decay_on), closed_loss, treedef,
+                 leaves, tuple(slots), hparams, steps, prepared.invalid,
+                 present=lambda slots: dict(zip(names, slots)))
 
 
 def check_num_steps(loss_fn, num_steps):
@@ -275,63 +326,31 @@ def close_loss(loss_fn, leaves, treedef, hparams):
   return closed_loss, (hparams, consts)
 
 
-def quantize_weight_decay(learning_rates, weight_decays, compute):
-  """Decoupled weight decay as a rational decay: ``1 - learning_rate * weight_decay`` per leaf
-  and step, quantized once like every decay, for any optimizer that decays its weights.
-
-  Args:
-    learning_rates, weight_decays: ``_schedules.Schedule``s.
-    compute: the leaves' compute dtypes.
-
-  Returns:
-    ``(amounts, numerators, invalid)``: the quantized amounts ``learning_rate * weight_decay``
-    in the compute dtypes, their numerators, and a bool scalar that is True where a traced
-    amount leaves ``[0, 1]``; ``(None, None, False)`` where the weight decay is known to be 0,
-    so that the optimizer skips the decay and runs bit for bit as without it.
-
-  Raises:
-    ValueError: a concrete ``learning_rate * weight_decay`` outside ``[0, 1]``.
-  """
-  if all(v is not None and not v.any() for v in weight_decays.values):
-    return None, None, jnp.zeros((), jnp.bool_)
-  amounts = _schedules.combine(lambda a, l: a * l, learning_rates, weight_decays)
-  _schedules.check_range(amounts, "learning_rate * weight_decay", 0, 1)
-  quantized = _schedules.quantize_decay(amounts, "1 - learning_rate * weight_decay")
-  return ([x.astype(d) for x, d in zip(quantized.amounts, compute)], quantized.numerators,
-          _schedules.outside(amounts.arrays, 0, 1))
-
-
 def compute_dtypes(leaves):
   """Each leaf's compute dtype: the step computes in it (at least float32)."""
   return [_fixed_point.compute_dtype(jnp.result_type(x)) for x in leaves]
 
 
 def _capacity_chunks(method, problem, layout, shards=None):
-  """Static sizes of the bit stacks' tails (each device's), from the numerators or
-  ``min_momentum``."""
-  rule, steps = problem.rule, problem.steps
+  """Static sizes of the bit stacks' tails (each device's), one per stage, from the numerators
+  or ``min_decay``."""
   sizes = _sharding.local_sizes(layout.shapes, shards)
-  stages = [list(zip(sizes * len(rule.slots),
-                     [n for leaves in steps.numerators for n in leaves],
-                     [slot.denominator_bits for slot in rule.slots for _ in sizes]))]
-  if rule.weight_decay_bits is not None:
-    stages.append([(size, n, rule.weight_decay_bits)
-                   for size, n in zip(sizes, steps.weight_numerators)])
   capacities = []
-  for stage in stages:
+  for stage in _reversible.stages(problem.rule, len(layout.shapes)):
     chunks = 0
-    for size, numerators, bits in stage:
-      known = _schedules.concrete_value(numerators)
+    numerators = _reversible.stage_numerators(stage, problem.steps)
+    for size, n, bits in zip(sizes * stage.copies, numerators, stage.bits):
+      known = _schedules.concrete_value(n)
       if known is None:
-        if method.min_momentum is None:
+        if method.min_decay is None:
           raise ValueError(
-              "momentum (or another decay: b1, b2, learning_rate * weight_decay) is traced "
-              "(e.g. a hyperparameter under jax.jit), so the size of the bit stack cannot be "
-              "computed from its values. Pass a static lower bound: "
-              "method=revhyper.Reversible(min_momentum=...).")
+              "a decay (momentum, b1, b2, learning_rate * weight_decay, ...) is traced (e.g. a "
+              "hyperparameter under jax.jit), so the size of the bit stack cannot be computed "
+              "from its values. Pass a static lower bound: "
+              "method=revhyper.Reversible(min_decay=...).")
         floor = 2**(bits - _bitstack.head_bits(bits))
-        n_min = max(floor, round(method.min_momentum * 2**bits))
-        known = np.full(steps.t.shape, n_min)
+        n_min = max(floor, round(method.min_decay * 2**bits))
+        known = np.full(problem.steps.t.shape, n_min)
       chunks += size * _bitstack.bucket(_bitstack.max_chunks_per_lane(known, bits))
     # A zero-size tail would make even the skipped gather ill-formed.
     capacities.append(max(chunks, 1))
@@ -372,7 +391,7 @@ def _reversible_config(method, problem):
                       else method.share_gradient),
       checks=method.checks,
       check_reversal=method.check_reversal,
-      min_momentum=method.min_momentum if traced else None,
+      min_decay=method.min_decay if traced else None,
       user_x64=bool(jax.config.jax_enable_x64),
       shards=shards,
   )
@@ -457,10 +476,18 @@ def _at_top_level():
   return jax_core.trace_ctx.is_top_level()
 
 
-def train(method, problem):
+def _check_reversible(problem):
+  if not problem.rule.reversible:
+    raise ValueError(f"{problem.rule.why_not}. Use method=revhyper.Checkpoint() (or "
+                     "'unroll'), which differentiate the same run by storing (part of) its "
+                     "trajectory.")
+
+
+def run(method, problem):
   """Runs ``problem`` with ``method``; returns ``(params, slots, stats)`` as pytrees."""
   method = _method(method)
   if isinstance(method, Reversible):
+    _check_reversible(problem)
     config = _reversible_config(method, problem)
   else:
     config = _FloatConfig(problem.loss_fn, problem.rule,
@@ -470,7 +497,7 @@ def train(method, problem):
   if _at_top_level():
     params_out, slots_out, stats = _run_method_jit(config, *args)
     if method.checks:
-      _reversible.check(stats, True, getattr(config, "min_momentum", None))
+      _reversible.check(stats, True, getattr(config, "min_decay", None))
   else:
     params_out, slots_out, stats = _run_method(config, *args)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
@@ -518,14 +545,19 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
   method = _method(method)
   if not isinstance(method, Reversible):
     raise ValueError(f"round_trip needs a reversible method, got {method!r}.")
-  if optimizer not in OPTIMIZERS:
-    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
-  problem = OPTIMIZERS[optimizer](loss_fn, params, hparams, **kwargs)
+  if isinstance(optimizer, _optim.Optimizer):
+    problem = optimizer_problem(loss_fn, params, hparams, optimizer, **kwargs)
+  elif isinstance(optimizer, str) and optimizer in OPTIMIZERS:
+    problem = OPTIMIZERS[optimizer](loss_fn, params, hparams, **kwargs)
+  else:
+    raise ValueError(f"optimizer must be a revhyper.optim optimizer or one of "
+                     f"{sorted(OPTIMIZERS)}, got {optimizer!r}.")
+  _check_reversible(problem)
   config = _reversible_config(method, problem)
   params_out, slots_out, stats, rebuilt = _train_and_reverse_jit(
       config, problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)
   if method.checks:
-    _reversible.check(stats, True, config.min_momentum)
+    _reversible.check(stats, True, config.min_decay)
   unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
   present = lambda slots: problem.present(tuple(unflatten(x) for x in slots))
   return RoundTrip(
@@ -537,3 +569,62 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
       buffer_empty=rebuilt.buffer_empty,
       stats=stats,
   )
+
+
+class TrainResult(NamedTuple):
+  """What ``train`` returns."""
+
+  params: Any  # final weights w_T, a pytree like params (differentiable)
+  opt_state: dict  # final optimizer states by name, pytrees like params (differentiable)
+  stats: Stats  # diagnostics (not differentiable)
+
+
+def train(loss_fn, params, hparams, optimizer, *, num_steps, method="reversible",
+          opt_state=None):
+  r"""Trains with a ``revhyper.optim`` optimizer for ``num_steps`` steps, differentiably.
+
+  ``jax.grad`` of anything computed from the result gives gradients with respect to
+  ``params``, ``opt_state``, ``hparams`` and every coefficient of the optimizer (learning
+  rates, decays, clipping thresholds; scalars, ``[T]`` schedules, per-leaf pytrees or
+  schedule functions), whatever method runs it. With ``method="reversible"`` (the default)
+  the backward pass runs training backwards exactly instead of storing it.
+
+  Args:
+    loss_fn: ``loss_fn(params, hparams, t) -> scalar`` training loss at step ``t``; the
+      minibatch must be a pure function of ``t``.
+    params: a pytree of float arrays, the initial weights.
+    hparams: any pytree that ``loss_fn`` reads; integer leaves get no gradient.
+    optimizer: a ``revhyper.optim`` optimizer, e.g. ``revhyper.optim.chain(
+      revhyper.optim.clip_by_global_norm(1.0), revhyper.optim.adamw(1e-3))``.
+    num_steps: the number of steps ``T`` (a static Python int, at least 1).
+    method: ``"reversible"``, ``"unroll"``, ``"checkpoint"``, or a configured
+      ``Reversible(...)``, ``Unroll()`` or ``Checkpoint(...)``.
+    opt_state: the initial optimizer states, a dict from state names (e.g. ``"mu"``,
+      ``"nu"``) to pytrees like ``params``; states not given start at 0.
+
+  Returns:
+    ``TrainResult(params, opt_state, stats)``.
+
+  Raises:
+    ValueError: bad arguments, naming the argument; an optimizer that cannot run backwards
+      exactly (its weight step reads the gradient itself: ``sgd`` without momentum or with
+      Nesterov, ``lion``, ``rmsprop`` without momentum) with ``method="reversible"``.
+    ReversalError: a failed run whose values are concrete (see ``revhyper.sgd``); under
+      ``jit`` its outputs are NaN instead.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, revhyper
+    >>> from revhyper import optim
+    >>> def loss_fn(w, l2, t):
+    ...   return jnp.sum((w - 1.0) ** 2) + l2 * jnp.sum(w ** 2)
+    >>> def meta(l2, lr):
+    ...   opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr, weight_decay=0.01))
+    ...   out = revhyper.train(loss_fn, jnp.zeros(3), l2, opt, num_steps=20)
+    ...   return jnp.sum((out.params - 0.5) ** 2)
+    >>> d_l2, d_lr = jax.grad(meta, argnums=(0, 1))(0.1, 0.01)
+  """
+  problem = optimizer_problem(loss_fn, params, hparams, optimizer, num_steps=num_steps,
+                              opt_state=opt_state)
+  params_out, slots_out, stats = run(method, problem)
+  return TrainResult(params_out, problem.present(slots_out), stats)

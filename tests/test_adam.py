@@ -277,7 +277,7 @@ def test_bad_arguments_raise_a_value_error_naming_them(overrides, pattern):
 
 
 def test_traced_decays_need_min_momentum_and_a_diverging_run_raises():
-  with pytest.raises(ValueError, match=r"Reversible\(min_momentum=\.\.\.\)"):
+  with pytest.raises(ValueError, match=r"Reversible\(min_decay=\.\.\.\)"):
     jax.jit(lambda b1: _adam(b1=b1).params)(0.9)
   # A squared gradient of 25 cannot stay on the second moment's grid (nu < 2).
   steep = lambda w, h, t: 5.0 * jnp.sum(w)

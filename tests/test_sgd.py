@@ -133,7 +133,7 @@ def test_bad_input_raises_a_clear_error(overrides, pattern):
 
 
 def test_bad_method_configuration_raises():
-  with pytest.raises(ValueError, match="min_momentum"):
+  with pytest.raises(ValueError, match="min_decay"):
     revhyper.Reversible(min_momentum=2.0)
   with pytest.raises(ValueError, match="segment_length"):
     revhyper.Checkpoint(segment_length=0)
@@ -147,7 +147,7 @@ def test_traced_momentum_needs_a_static_bound():
     out = _sgd(momentum=gamma, method=method)
     return jnp.sum(out.params["a"])
 
-  with pytest.raises(ValueError, match=re.escape("Reversible(min_momentum=...)")):
+  with pytest.raises(ValueError, match=re.escape("Reversible(min_decay=...)")):
     jax.jit(meta, static_argnums=1)(0.9, "reversible")
   bounded = revhyper.Reversible(min_momentum=0.5)
   traced = jax.jit(jax.grad(meta), static_argnums=1)(0.9, bounded)
@@ -187,7 +187,7 @@ def test_bit_stack_overflow_is_detected_under_jit():
   assert bool(stats.buffer_overflow)
   params, stats = jax.jit(run, static_argnums=1)(0.5, True)
   assert bool(stats.buffer_overflow) and np.all(np.isnan(np.asarray(params["a"])))
-  with pytest.raises(revhyper.ReversalError, match="bit-stack overflow.*min_momentum"):
+  with pytest.raises(revhyper.ReversalError, match="bit-stack overflow.*min_decay"):
     stats.raise_if_failed()
   assert not bool(jax.jit(run, static_argnums=1)(0.995, True)[1].buffer_overflow)
 
