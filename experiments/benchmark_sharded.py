@@ -40,6 +40,14 @@ Run:
   # the one-GPU configuration, 4096-6144-6144-6144-10 (100.7M weights), T = 10,000; on a CPU
   # add --norun to check its memory plans without running it:
   python experiments/benchmark_sharded.py --device --out_dir=/tmp/revhyper_sharded_gpu
+  # 2 processes of 4 simulated devices each, the mesh over all 8 (experiments/launch_local.py;
+  # on a cluster, start one process per host with --coordinator=auto or HOST:PORT):
+  python experiments/launch_local.py --num_processes 2 --devices_per_process 4 -- \
+      experiments/benchmark_sharded.py --quick --out_dir=/tmp/revhyper_sharded_2x4
+
+With several processes (experiments/distributed.py) the mesh spans every process's devices,
+each process builds only its own blocks of the weights, reversible_one runs on each process's
+first device, and process 0 writes results.json, with every process's peak memory.
 """
 
 import datetime
@@ -47,6 +55,7 @@ import math
 import os
 import platform
 import re
+import resource
 import sys
 import time
 
@@ -61,9 +70,11 @@ from absl import flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for common.py
 
 import common  # noqa: E402
+import distributed  # noqa: E402  (--coordinator, --num_processes, --process_id)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -177,7 +188,8 @@ class Problem:
     self.num_weights = sum(x.size for x in jax.tree.leaves(self.host_params))
     self.specs = model_specs(len(sizes) - 1)
     self.mesh = Mesh(np.array(jax.devices()[:cfg["devices"]]), ("model",))
-    self.one = Mesh(np.array(jax.devices()[:1]), ("model",))
+    # A device of this process: with several processes, each runs the one-device reference.
+    self.one = Mesh(np.array(jax.local_devices()[:1]), ("model",))
     self.numerator = round(cfg["momentum"] * MOMENTUM_GRID)
     steps = cfg["steps"]
     self.hparams = [{"W": jnp.full(steps, math.log(cfg["learning_rate"]), jnp.float32),
@@ -185,9 +197,12 @@ class Problem:
                     for _ in self.host_params]
 
   def placed(self, mesh):
-    """The initial weights laid out on ``mesh`` by the specs (whole on a one-device mesh)."""
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
-                        self.host_params, self.specs)
+    """The initial weights laid out on ``mesh`` by the specs (whole on a one-device mesh);
+    each process makes only the blocks of its own devices."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, NamedSharding(mesh, s),
+                                                  lambda index: x[index]),
+        self.host_params, self.specs)
 
   def train_loss(self, params, hparams, t):
     del hparams
@@ -318,15 +333,27 @@ def ratios(results):
   return out
 
 
+def peak_memory_per_process():
+  """Every process's peak resident memory in bytes (Linux reports kilobytes), by process."""
+  peak = np.int64(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  if jax.process_count() == 1:
+    return [int(peak)]
+  return [int(x) for x in multihost_utils.process_allgather(peak)]
+
+
 def main(argv):
   del argv
+  process, num_processes = distributed.initialize_from_flags()
   cfg = config_from_flags()
-  out_dir = common.prepare_out_dir(FLAGS.out_dir)
+  writes = process == 0  # every process runs the same program; one writes the results
+  out_dir = common.prepare_out_dir(FLAGS.out_dir) if writes else FLAGS.out_dir
   problem = Problem(cfg)
   results = dict(
       command=" ".join(sys.argv), config=cfg, num_weights=problem.num_weights,
       machine=dict(platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-                   num_devices=len(jax.devices()), cpu=platform.processor() or platform.machine(),
+                   num_devices=len(jax.devices()), num_processes=num_processes,
+                   devices_per_process=len(jax.local_devices()),
+                   cpu=platform.processor() or platform.machine(),
                    cpu_count=os.cpu_count(), jax=jax.__version__,
                    date=datetime.datetime.now().isoformat(timespec="seconds"),
                    load_average=list(os.getloadavg())),
@@ -334,6 +361,7 @@ def main(argv):
       methods={}, complete=False)
   print(f"{problem.num_weights:,} weights, T = {cfg['steps']}, mesh of {cfg['devices']} "
         f"{jax.devices()[0].device_kind} device(s)", flush=True)
+  save = (lambda record: common.save_results(out_dir, record)) if writes else (lambda _: None)
   start_all = time.perf_counter()
   runnable = {}
   for name in cfg["methods"]:
@@ -343,7 +371,7 @@ def main(argv):
     results["methods"][name] = record
     if cfg["run"] and name not in cfg["compile_only"]:
       runnable[name] = (compiled, params)
-    common.save_results(out_dir, _without_arrays(results))
+    save(_without_arrays(results))
   # Repeats go round-robin over the methods, so that the load of other processes on a shared
   # machine falls on all of them alike: the ratios are the robust numbers.
   outputs = {}
@@ -357,8 +385,9 @@ def main(argv):
       record = results["methods"][name]
       record.setdefault("times_s", []).append(elapsed)
       record["time_s"] = float(np.median(record["times_s"]))
+      record["time_per_step_s"] = record["time_s"] / cfg["steps"]
       print(f"  {name}: {elapsed:.1f} s", flush=True)
-      common.save_results(out_dir, _without_arrays(results))
+      save(_without_arrays(results))
   for name, out in outputs.items():
     results["methods"][name]["hypergradient"] = out
   reference = outputs.get("reversible_one")
@@ -377,9 +406,12 @@ def main(argv):
   results["elapsed_s"] = time.perf_counter() - start_all
   results["machine"]["load_average_at_end"] = list(os.getloadavg())
   results["complete"] = True
-  common.save_results(out_dir, results)
-  print(table(results))
-  print(f"wrote {out_dir}/results.json in {results['elapsed_s']:.0f} s")
+  # Collective: every process reports its peak, process 0 writes them all.
+  results["peak_memory_per_process_bytes"] = peak_memory_per_process()
+  save(results)
+  if writes:
+    print(table(results))
+    print(f"wrote {out_dir}/results.json in {results['elapsed_s']:.0f} s")
 
 
 def _without_arrays(results):

@@ -44,6 +44,16 @@ Run from the repository root::
   python experiments/schedules.py --config=experiments/configs/schedules.py:quick \
       --out_dir /tmp/schedules_quick                                # under 40 CPU-seconds
   python experiments/schedules.py --out_dir results/schedules --resume   # continue a run
+  python experiments/launch_local.py --num_processes 2 --devices_per_process 1 -- \
+      experiments/schedules.py --config=experiments/configs/schedules.py:quick \
+      --out_dir /tmp/schedules_2                                    # 2 processes
+
+Several processes (``--coordinator``, ``--num_processes``, ``--process_id`` of
+experiments/distributed.py, or ``--coordinator=auto`` on a cluster) each run the whole
+meta-optimisation on their own first device: the network is small enough for one, and
+``out_dir`` must be a folder they share. Process 0 writes the checkpoints, results.json and
+the figures; every process resumes from the checkpoints, and all end with the same
+hyperparameters bit for bit.
 """
 
 import os
@@ -61,6 +71,7 @@ import optax
 # `common` sits beside this script; make it importable when run from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (needs the path above)
+import distributed  # noqa: E402  (--coordinator, --num_processes, --process_id)
 import matplotlib.pyplot as plt  # noqa: E402  (common chooses the headless backend first)
 import revhyper  # noqa: E402
 
@@ -314,6 +325,7 @@ def plot_init_scales(scales, history, layer_sizes, initial):
 
 def main(argv):
   del argv
+  process, _ = distributed.initialize_from_flags()  # before anything uses JAX's devices
   start = time.time()
   c = CONFIG.value
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
@@ -380,6 +392,8 @@ def main(argv):
       held_out=held_out,
       learning_curves=dict(steps=steps, before=curves["before"], after=curves["after"]),
       learned=learned, inverse_sqrt_fan_in=fan_in, wall_seconds=time.time() - start)
+  if process != 0:  # every process computed the same results; one writes them
+    return
   common.write_results(out_dir, "schedules (figures 2-7)", c, results, DEPARTURES)
 
   iterations = len(result.history)

@@ -18,6 +18,14 @@ renamed into place, so a crash leaves either the old checkpoint or the new one, 
 one. Resuming restores the exact arrays, so a resumed run gives bit-identical results to an
 uninterrupted one. A checkpoint that cannot be read (truncated, overwritten) is skipped with a
 warning, and the run resumes from the newest intact one.
+
+Several processes (``jax.distributed.initialize``) run the same loop, each calling
+``meta_optimize`` with the same arguments: the step is one program over every process's
+devices. Only process 0 writes the history and the checkpoints; every process reads them to
+resume, so ``checkpoint_dir`` must be a folder that they share. Before the first step the
+processes check that they start from the same iteration, hyperparameters, optimizer state and
+key, and the state goes through the host after every step on every process, so that a resumed
+run feeds the step the same arrays as an uninterrupted one.
 """
 
 import glob
@@ -35,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from revhyper._errors import ReversalError
 
@@ -109,6 +118,8 @@ def meta_optimize(
       the step size of the paper's MNIST experiments. The authors' code used its own Adam
       variant, ``paper_adam(0.04)``.
     checkpoint_dir: a folder for checkpoints and ``history.json``; None keeps nothing on disk.
+      With several processes only process 0 writes there, and every process reads it to
+      resume: a folder they share.
     checkpoint_every: write a checkpoint every this many iterations, and after the last one.
     resume: continue from the latest checkpoint in ``checkpoint_dir`` (starting afresh when it
       holds none). Without it, a ``checkpoint_dir`` that already holds checkpoints is an error,
@@ -133,6 +144,8 @@ def meta_optimize(
       ``optimizer``, or that is past ``num_iterations``; ``checkpoint_dir`` holds checkpoints
       and none of them can be read.
     FileExistsError: ``checkpoint_dir`` holds checkpoints and ``resume`` is False.
+    RuntimeError: with several processes, they start from different iterations,
+      hyperparameters, optimizer states or keys (e.g. ``checkpoint_dir`` is not shared).
     FloatingPointError: the meta-loss or hypergradient is not finite (the update is not
       applied; the history, with that iteration, is written first), or the step raised
       ``revhyper.ReversalError`` or a JAX runtime error (a training run that left the exact
@@ -147,6 +160,43 @@ def meta_optimize(
     >>> result.history[-1]["meta_loss"] < result.history[0]["meta_loss"]
     True
   """
+  num_iterations, checkpoint_every, log_every, optimizer = _check_arguments(
+      meta_loss_fn, callback, num_iterations, checkpoint_every, log_every, resume,
+      checkpoint_dir, optimizer)
+  checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+  start, hparams, opt_state, history = _start_or_resume(
+      checkpoint_dir, resume, optimizer, hparams, num_iterations, progress)
+  several = jax.process_count() > 1
+  if several:
+    _check_processes_agree(start, hparams, opt_state, key)
+  # Every process reads checkpoint_dir; one writes it.
+  write_dir = checkpoint_dir if jax.process_index() == 0 else None
+  step = _make_step(meta_loss_fn, optimizer, has_aux, key)
+  run_start = time.perf_counter()
+  for it in range(start, num_iterations):
+    new_hparams, new_opt_state, grads, aux, record = _evaluate(
+        step, hparams, opt_state, it, history, write_dir)
+    if log_every and ((it + 1) % log_every == 0 or it + 1 == num_iterations):
+      _log_iteration(record, start, num_iterations, time.perf_counter() - run_start, progress)
+    if callback is not None:
+      callback(MetaStep(it, hparams, grads, aux, record))
+    hparams, opt_state = new_hparams, new_opt_state
+    if several:
+      # The step's outputs span every process's devices, and a resumed run starts from host
+      # arrays: feeding the step host arrays always keeps one compiled program and the same
+      # inputs either way. Process 0 can then write them alone.
+      hparams, opt_state = _canonical((hparams, opt_state))
+    if write_dir is not None:
+      _write_json(os.path.join(write_dir, HISTORY_FILE), history)
+      if (it + 1) % checkpoint_every == 0 or it + 1 == num_iterations:
+        save_checkpoint(write_dir, it + 1, hparams, opt_state, history)
+  return MetaResult(hparams, opt_state, history)
+
+
+def _check_arguments(meta_loss_fn, callback, num_iterations, checkpoint_every, log_every,
+                     resume, checkpoint_dir, optimizer):
+  """``meta_optimize``'s arguments checked: ``(num_iterations, checkpoint_every, log_every,
+  optimizer)``, the integers as ints and the default optimizer filled in."""
   if not callable(meta_loss_fn):
     raise TypeError(f"meta_loss_fn must be callable, got {meta_loss_fn!r}")
   if callback is not None and not callable(callback):
@@ -157,73 +207,108 @@ def meta_optimize(
   if resume and checkpoint_dir is None:
     raise ValueError("resume=True needs a checkpoint_dir to resume from")
   optimizer = optax.adam(_PAPER_META_LEARNING_RATE) if optimizer is None else optimizer
+  return num_iterations, checkpoint_every, log_every, optimizer
 
+
+def _start_or_resume(checkpoint_dir, resume, optimizer, hparams, num_iterations, progress):
+  """``(start, hparams, opt_state, history)``: a fresh start, or the newest intact checkpoint.
+
+  Creates ``checkpoint_dir`` when it is given; refuses one that holds checkpoints unless
+  ``resume``.
+  """
   # Start and resume go through the same host round trip, so both feed the compiled step
   # arrays of identical dtypes and weak types: no retracing, and bit-identical results.
   hparams = _canonical(hparams)
   opt_state = _canonical(optimizer.init(hparams))
   start, history = 0, []
-  if checkpoint_dir is not None:
-    checkpoint_dir = os.fspath(checkpoint_dir)
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None and not resume:
-      raise FileExistsError(
-          f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints ({latest!r}); "
-          "pass resume=True to continue that run, or use an empty folder")
-    if latest is not None:
-      latest, (start, hparams, opt_state, history) = _load_newest_intact(
-          checkpoint_dir, hparams, opt_state)
-      if start > num_iterations:
-        raise ValueError(
-            f"the checkpoint {latest!r} is after iteration {start}, past "
-            f"num_iterations={num_iterations}")
-      _emit(f"resuming from {latest} after iteration {start}", progress)
-    os.makedirs(checkpoint_dir, exist_ok=True)
+  if checkpoint_dir is None:
+    return start, hparams, opt_state, history
+  latest = latest_checkpoint(checkpoint_dir)
+  if latest is not None and not resume:
+    raise FileExistsError(
+        f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints ({latest!r}); "
+        "pass resume=True to continue that run, or use an empty folder")
+  if latest is not None:
+    latest, (start, hparams, opt_state, history) = _load_newest_intact(
+        checkpoint_dir, hparams, opt_state)
+    if start > num_iterations:
+      raise ValueError(
+          f"the checkpoint {latest!r} is after iteration {start}, past "
+          f"num_iterations={num_iterations}")
+    _emit(f"resuming from {latest} after iteration {start}", progress)
+  os.makedirs(checkpoint_dir, exist_ok=True)
+  return start, hparams, opt_state, history
 
-  step = _make_step(meta_loss_fn, optimizer, has_aux, key)
-  run_start = time.perf_counter()
-  for it in range(start, num_iterations):
-    tic = time.perf_counter()
-    try:
-      new_hparams, new_opt_state, loss, grads, grad_norm, aux = step(
-          hparams, opt_state, np.int32(it))
-      record = {
-          "iteration": it,
-          "meta_loss": float(loss),  # float() waits for the step, so the time below is true
-          "hypergrad_norm": float(grad_norm),
-          "seconds": time.perf_counter() - tic,
-          "aux": _scalar_leaves(aux),
-      }
-    except _STEP_ERRORS as error:
-      # A training run inside the step failed (e.g. it diverged out of the exact range): the
-      # finished iterations are kept on disk, and the caller sees the one error type this
-      # loop promises for values gone bad.
-      if checkpoint_dir is not None:
-        _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
-      raise FloatingPointError(
-          f"meta-iteration {it}: the meta-loss or its hypergradient failed: {error}") from error
-    history.append(record)
-    if not (math.isfinite(record["meta_loss"]) and math.isfinite(record["hypergrad_norm"])):
-      if checkpoint_dir is not None:
-        _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
-      raise FloatingPointError(
-          f"meta-iteration {it}: meta-loss {record['meta_loss']}, hypergradient norm "
-          f"{record['hypergrad_norm']}; the update was not applied")
-    if log_every and ((it + 1) % log_every == 0 or it + 1 == num_iterations):
-      elapsed = time.perf_counter() - run_start
-      left = elapsed / (it + 1 - start) * (num_iterations - it - 1)
-      _emit(
-          f"meta-iteration {it + 1}/{num_iterations}: meta-loss {record['meta_loss']:.6g}, "
-          f"|hypergradient| {record['hypergrad_norm']:.3g}, {record['seconds']:.2f} s "
-          f"(about {left:.0f} s left)", progress)
-    if callback is not None:
-      callback(MetaStep(it, hparams, grads, aux, record))
-    hparams, opt_state = new_hparams, new_opt_state
+
+def _check_processes_agree(start, hparams, opt_state, key):
+  """Raises ``RuntimeError`` on every process unless all start from process 0's state.
+
+  Also a barrier: no process writes a checkpoint before every one has read the folder.
+  """
+  if key is not None and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  state = [np.asarray(x) for x in jax.tree.leaves((np.int32(start), hparams, opt_state, key))]
+  expected = multihost_utils.broadcast_one_to_all(state)
+  # Bit for bit (NaNs included), in each array's own dtype.
+  same = all(a.tobytes() == np.asarray(b).astype(a.dtype).tobytes()
+             for a, b in zip(state, expected))
+  agree = np.asarray(multihost_utils.process_allgather(np.bool_(same)))
+  if not agree.all():
+    raise RuntimeError(
+        f"meta_optimize: processes {np.flatnonzero(~agree).tolist()} start from another "
+        "iteration, hyperparameters, optimizer state or key than process 0; every process "
+        "must call meta_optimize with the same arguments, and resume from a checkpoint_dir "
+        "that they share")
+
+
+def _evaluate(step, hparams, opt_state, it, history, checkpoint_dir):
+  """Runs iteration ``it`` and appends its record to ``history``.
+
+  Returns ``(new_hparams, new_opt_state, hypergrad, aux, record)``. A failed or non-finite
+  step raises ``FloatingPointError`` after writing the history (with the failed iteration
+  when it produced numbers), so that the finished iterations stay on disk.
+  """
+  tic = time.perf_counter()
+  try:
+    new_hparams, new_opt_state, loss, grads, grad_norm, aux = step(
+        hparams, opt_state, np.int32(it))
+    record = {
+        "iteration": it,
+        "meta_loss": float(loss),  # float() waits for the step, so the time below is true
+        "hypergrad_norm": float(grad_norm),
+        "seconds": time.perf_counter() - tic,
+        "aux": _scalar_leaves(aux),
+    }
+  except _STEP_ERRORS as error:
+    # A training run inside the step failed (e.g. it diverged out of the exact range): the
+    # finished iterations are kept on disk, and the caller sees the one error type this
+    # loop promises for values gone bad.
     if checkpoint_dir is not None:
       _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
-      if (it + 1) % checkpoint_every == 0 or it + 1 == num_iterations:
-        save_checkpoint(checkpoint_dir, it + 1, hparams, opt_state, history)
-  return MetaResult(hparams, opt_state, history)
+    # A collective whose peer died fails here too, with an error of the same type.
+    also = ("; with several processes, another process may have died: see its log"
+            if jax.process_count() > 1 else "")
+    raise FloatingPointError(
+        f"meta-iteration {it}: the meta-loss or its hypergradient failed{also}: "
+        f"{error}") from error
+  history.append(record)
+  if not (math.isfinite(record["meta_loss"]) and math.isfinite(record["hypergrad_norm"])):
+    if checkpoint_dir is not None:
+      _write_json(os.path.join(checkpoint_dir, HISTORY_FILE), history)
+    raise FloatingPointError(
+        f"meta-iteration {it}: meta-loss {record['meta_loss']}, hypergradient norm "
+        f"{record['hypergrad_norm']}; the update was not applied")
+  return new_hparams, new_opt_state, grads, aux, record
+
+
+def _log_iteration(record, start, num_iterations, elapsed, progress):
+  """Logs one progress line; the time left extrapolates this run's iterations so far."""
+  it = record["iteration"]
+  left = elapsed / (it + 1 - start) * (num_iterations - it - 1)
+  _emit(
+      f"meta-iteration {it + 1}/{num_iterations}: meta-loss {record['meta_loss']:.6g}, "
+      f"|hypergradient| {record['hypergrad_norm']:.3g}, {record['seconds']:.2f} s "
+      f"(about {left:.0f} s left)", progress)
 
 
 def _make_step(meta_loss_fn, optimizer, has_aux, key):
@@ -479,7 +564,15 @@ def latest_checkpoint(checkpoint_dir: PathLike) -> Optional[str]:
 
 def _canonical(tree):
   """The arrays of ``tree`` as they come back from a checkpoint: strongly typed JAX arrays."""
-  return jax.tree.map(lambda x: jnp.asarray(np.asarray(jnp.asarray(x))), tree)
+  return jax.tree.map(lambda x: jnp.asarray(_to_host(jnp.asarray(x))), tree)
+
+
+def _to_host(x):
+  """``x`` as a numpy array; one that spans several processes is gathered from all of them
+  (every process must then call this, in the same order)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _scalar_leaves(aux) -> dict:
