@@ -33,8 +33,11 @@ Contenders:
 * ``hypergradient_smooth``: full-horizon exact hypergradients of a smooth family, warmup-cosine
   with learned peak, momentum, weight decay and init scale, times exp of ``config.num_basis``
   cosine basis functions of t per weight type; averaged over ``config.avg_seeds`` seeds
-  (``revhyper.meta.per_seed_hypergradients``), whose spread across seeds is recorded
-  (``revhyper.meta.hypergradient_variance``).
+  (their spread across seeds is recorded: ``revhyper.meta.hypergradient_variance``), with
+  meta-step ``config.smooth_meta_step``.
+* ``tpe_then_hypergradient``: TPE over the warmup-cosine family for
+  ``config.warm_start_fraction`` of the budget, then ``hypergradient_smooth``'s meta-steps from
+  the best point it found.
 
 The gradient-based contenders all meta-step with ``optax.adam(config.meta_step)`` after
 ``revhyper.meta.clip_hypergradient(config.max_hypergrad_norm)``, which also turns the
@@ -80,9 +83,6 @@ import common  # noqa: E402  (needs the path above)
 import matplotlib.pyplot as plt  # noqa: E402  (common chooses the headless backend first)
 import revhyper  # noqa: E402
 
-CONFIG = common.define_config("hpo_benchmark")
-common.define_out_dir("results/hpo")
-
 FLAGS = flags.FLAGS
 EXPERIMENT = "hyperparameter optimisers at equal compute"
 DEPARTURES = (
@@ -91,8 +91,9 @@ DEPARTURES = (
     "the bound the reversible method sizes its bit stack for, in every contender's space.",
 )
 CONTENDERS = ("random_constant", "random_warmup_cosine", "tpe_constant", "tpe_warmup_cosine",
-              "hypergradient_descent", "truncated", "hypergradient", "hypergradient_smooth")
-HYPERGRADIENT_CONTENDERS = ("hypergradient", "hypergradient_smooth")
+              "hypergradient_descent", "truncated", "hypergradient", "hypergradient_smooth",
+              "tpe_then_hypergradient")
+HYPERGRADIENT_CONTENDERS = ("hypergradient", "hypergradient_smooth", "tpe_then_hypergradient")
 B2, EPS, EPS_ROOT = 0.999, 1e-8, 1e-8
 MAX_MOMENTUM = 0.999
 SPACE = ("log_lr", "momentum", "log_wd", "log_scale")
@@ -308,9 +309,14 @@ def make_programs(task, c):
   method = revhyper.Reversible(min_momentum=c.min_decay)
 
   @jax.jit
-  def evaluate(hp, keys):
+  def evaluate_one(hp, key):
     # Forward only, in floats: the reversible method would give the same training run.
-    return jax.vmap(lambda k: task.scores(task.train(hp, k, "unroll")))(keys)
+    return task.scores(task.train(hp, key, "unroll"))
+
+  def evaluate(hp, keys):
+    # One seed at a time: one compiled program for the search and the scoring alike (on a
+    # CPU, a vmap over seeds is barely faster than a loop).
+    return stack([evaluate_one(hp, k) for k in keys])
 
   def meta_loss(hp, key):
     return task.scores(task.train(hp, key, method))["valid_loss"]
@@ -323,36 +329,30 @@ def make_programs(task, c):
     """One training run with hypergradient descent on one global log learning rate."""
     noise_key, batch_key = jax.random.split(key)
     params = task.init_params(base_hp, noise_key)
-    batch_loss = task.batch_loss_fn(batch_key)
-    grad = jax.grad(batch_loss)
-    first = lambda tree: jax.tree.leaves(tree)[0]
     at = lambda tree, t: jax.tree.map(lambda s: s[t], tree)
-    dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    def body(carry, t):
-      w, state, log_lr, direction = carry
-      g = grad(w, None, t)
-      # d loss_t / d log lr_{t-1} is lr times g_t . d w_t / d lr_{t-1}; its sign over the norms
-      # (a cosine) makes beta a fraction of e per step whatever the gradients' scale.
-      cosine = dot(g, direction) / (jnp.sqrt(dot(g, g) * dot(direction, direction)) + 1e-30)
-      log_lr = jnp.minimum(log_lr - beta * cosine, jnp.log(task.max_lr))
-      step = lambda lr: task.float_step(w, state, g, jax.tree.map(lambda _: lr, w),
-                                        at(base_hp["mom"], t), at(base_hp["wd"], t), t)
-      (w, state), (direction, _) = jax.jvp(step, (jnp.exp(log_lr),), (jnp.float32(1.0),))
-      return (w, state, log_lr, direction), jnp.exp(log_lr)
+    def step(w, state, g, lr, t):
+      return task.float_step(w, state, g, jax.tree.map(lambda _: lr, w), at(base_hp["mom"], t),
+                             at(base_hp["wd"], t), t)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (params, task.opt_init(params), jnp.log(first(base_hp["lr"])[0]), zeros)
-    (w, _, _, _), rates = jax.lax.scan(body, init, jnp.arange(task.num_steps))
+    log_lr = jnp.log(jax.tree.leaves(base_hp["lr"])[0][0])
+    w, rates = hypergradient_descent_run(
+        jax.grad(task.batch_loss_fn(batch_key)), step, params, task.opt_init(params), log_lr,
+        beta, task.num_steps, task.max_lr)
     return dict(task.scores(w), learning_rate=rates)
 
-  hd_evaluate = jax.jit(jax.vmap(hd_pass, in_axes=(None, 0, None)))
+  hd_search = jax.jit(hd_pass)
+
+  def hd_evaluate(beta, keys, base_hp):
+    return stack([hd_search(beta, k, base_hp) for k in keys])
 
   def truncated_hypergradient(theta, key):
     """Every window's hypergradient of the validation minibatch loss at its end, in one pass
     of training with the current schedules (the state entering a window is held fixed)."""
     window, num_windows = c.window, task.num_steps // c.window
-    noise_key, batch_key, valid_key = jax.random.split(key, 3)
+    # The same noise and batches as train(hp, key): the valid batches from a key of their own.
+    noise_key, batch_key = jax.random.split(key)
+    valid_key = jax.random.fold_in(key, 1)
     hp = free_hp(task, theta, c.min_decay)
     params = task.init_params(hp, noise_key)
     grad = jax.grad(task.batch_loss_fn(batch_key))
@@ -383,8 +383,58 @@ def make_programs(task, c):
     return jnp.mean(values), grads
 
   return {"evaluate": evaluate, "hypergradients": hypergradients,
-          "hd_search": jax.jit(hd_pass), "hd_evaluate": hd_evaluate,
+          "hd_search": hd_search, "hd_evaluate": hd_evaluate,
           "truncated": jax.jit(truncated_hypergradient)}
+
+
+def hypergradient_descent_run(grad, step, params, state, log_lr, beta, num_steps, max_lr):
+  """Training with hypergradient descent (Baydin et al. 2018) on one global learning rate.
+
+  At step t the gradient g_t of this step's loss also gives the hypergradient of that loss in
+  the previous step's rate, g_t . d w_t / d lr_{t-1}; the multiplicative form moves log lr by
+  -beta times its cosine (the hypergradient over the norms), so that beta is a fraction of e
+  per step whatever the gradients' scale. d w_{t+1} / d lr_t comes from a forward-mode
+  derivative of the step.
+
+  Args:
+    grad: ``grad(w, None, t)``, the training gradient at step t.
+    step: ``step(w, state, g, lr, t) -> (w, state)``, one optimizer step at the scalar rate lr.
+    params, state: the initial weights and optimizer state.
+    log_lr: the initial log learning rate.
+    beta: the hypergradient step.
+    num_steps: T.
+    max_lr: the rate is held at or below it.
+
+  Returns:
+    ``(final weights, [T] learning rates used)``.
+  """
+  dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  def body(carry, t):
+    w, state, log_lr, direction = carry
+    g = grad(w, None, t)
+    norms = jnp.sqrt(dot(g, g)) * jnp.sqrt(dot(direction, direction))
+    # Clipped and zero without a direction: norms that underflow must not blow the ratio up.
+    cosine = jnp.clip(jnp.where(norms > 0, dot(g, direction) / jnp.where(norms > 0, norms, 1.0),
+                                0.0), -1.0, 1.0)
+    log_lr = jnp.minimum(log_lr - beta * cosine, jnp.log(max_lr))
+    (w, state), (direction, _) = jax.jvp(lambda lr: step(w, state, g, lr, t),
+                                         (jnp.exp(log_lr),), (jnp.ones_like(log_lr),))
+    return (w, state, log_lr, direction), jnp.exp(log_lr)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (w, _, _, _), rates = jax.lax.scan(body, (params, state, log_lr, zeros), jnp.arange(num_steps))
+  return w, rates
+
+
+def concatenate(results):
+  """One pytree of [n] rows from n pytrees of [1] rows."""
+  return jax.tree.map(lambda *x: jnp.concatenate(x), *results)
+
+
+def stack(results):
+  """One dict of [n] arrays from n dicts of scalars (or arrays)."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *results)
 
 
 def _window_coefs(task, sched, k, min_decay):
@@ -420,18 +470,28 @@ def mean_valid_error(scores):
   return float(errors.mean())
 
 
-def search(task, programs, shape, sampler, search_keys):
-  """Random search or TPE: one training run per trial, the best by validation error."""
+def search(objective, sampler):
+  """Random search or TPE: yields ``(best error, its trial, its point)`` after every trial of
+  ``objective(point) -> error``; ``sampler(i) -> (point, tell(error))``."""
   best = None
   for i in range(10 ** 9):
     p, tell = sampler(i)
-    error = mean_valid_error(programs["evaluate"](point_hp(task, p, shape), search_keys(i)))
+    error = objective(p, i)
     tell(error)
     if best is None or error < best[0]:
       best = (error, i, p)
-    yield {"id": f"trial{best[1]}", "kind": "schedule", "hp": point_hp(task, best[2], shape),
-           "found": {"trial": best[1], "valid_error_in_search": best[0],
-                     **{k: float(v) for k, v in best[2].items()}}}
+    yield best
+
+
+def search_candidates(task, programs, shape, sampler, search_keys):
+  """``search`` over points of a family, one training run per trial, as candidates."""
+  def objective(p, i):
+    return mean_valid_error(programs["evaluate"](point_hp(task, p, shape), search_keys(i)))
+
+  for error, i, p in search(objective, sampler):
+    yield {"id": f"trial{i}", "kind": "schedule", "hp": point_hp(task, p, shape),
+           "found": {"trial": i, "valid_error_in_search": error,
+                     **{k: float(v) for k, v in p.items()}}}
 
 
 def random_sampler(space, seed):
@@ -470,16 +530,18 @@ def hypergradient_descent(programs, base_hp, betas, search_keys):
                      "learning_rate_last_pass": np.asarray(out["learning_rate"]).tolist()}}
 
 
-def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None):
+def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, meta_step=None):
   """Meta-steps of optax.adam after clip_hypergradient on the full-horizon exact hypergradient
   (``programs["hypergradients"]`` over ``keys_for(i)``, averaged) of the parameterisation
   ``to_hp(theta)``; with ``spread_history``, each step's spread across seeds is appended."""
   optimizer = optax.chain(revhyper.meta.clip_hypergradient(c.max_hypergrad_norm),
-                          optax.adam(c.meta_step))
+                          optax.adam(c.meta_step if meta_step is None else meta_step))
   state = optimizer.init(theta)
   for i in range(10 ** 9):
     hp, pullback = jax.vjp(to_hp, theta)
-    losses, per_seed = programs["hypergradients"](hp, keys_for(i))
+    # One seed at a time through one compiled program: on a CPU, a vmap of reversible runs
+    # is slower than running them one after the other.
+    losses, per_seed = concatenate([programs["hypergradients"](hp, k[None]) for k in keys_for(i)])
     (grad,) = pullback(jax.tree.map(lambda g: jnp.mean(g, axis=0), per_seed))
     if spread_history is not None and losses.shape[0] > 1:
       per_step = revhyper.meta.hypergradient_variance(per_seed)
@@ -525,23 +587,41 @@ def measured_seconds(fn, *args, repeats=2):
   return min(times)
 
 
-def run_contender(steps, unit_cost, budget, fractions, score):
-  """Runs ``steps`` for as many units as ``budget`` affords (at least one), scoring the
-  candidate on held-out seeds when each fraction of the budget is spent. Returns the curve:
-  ``[{"compute_runs", "units", "candidate", "scores"}]``."""
-  num_units = max(1, int(math.floor(budget / unit_cost + 1e-9)))
-  marks = sorted({min(num_units, max(1, int(math.floor(f * budget / unit_cost + 1e-9))))
-                  for f in fractions} | {num_units})
-  curve, cache = [], {}
+def with_cost(steps, cost):
+  """The candidates of ``steps``, each marked with the compute its unit of work cost."""
+  for candidate in steps:
+    yield dict(candidate, cost=cost)
+
+
+def run_contender(steps, budget, fractions, score):
+  """Runs ``steps`` (candidates marked ``with_cost``) while the budget affords the next unit
+  (at least one), scoring the candidate on held-out seeds at the last unit before each
+  fraction of the budget would be passed. Returns the curve: ``[{"compute_runs", "units",
+  "candidate", "scores"}]``."""
+  marks = sorted(set(fractions) | {1.0})
+  curve, cache, spent = [], {}, 0.0
   for unit, candidate in enumerate(steps, start=1):
-    if unit in marks:
+    spent += candidate["cost"]
+    # The next unit is assumed to cost what this one did.
+    while marks and spent + candidate["cost"] > marks[0] * budget + 1e-9:
       if candidate["id"] not in cache:
         cache[candidate["id"]] = score(candidate)
-      curve.append({"compute_runs": unit * unit_cost, "units": unit, "candidate": candidate,
-                    "scores": cache[candidate["id"]]})
-    if unit == num_units:
+      if not curve or curve[-1]["units"] != unit:
+        curve.append({"compute_runs": spent, "units": unit, "candidate": candidate,
+                      "scores": cache[candidate["id"]]})
+      marks.pop(0)
+    if not marks:
       break
   return curve
+
+
+def warm_started(first, trials, then):
+  """``trials`` candidates of ``first`` (a search), then those of ``then(best point)``."""
+  candidate = None
+  for _, candidate in zip(range(trials), first):
+    yield candidate
+  point = {k: candidate["found"][k] for k in SPACE}
+  yield from then(point)
 
 
 def summary_of(task, candidate):
@@ -600,35 +680,52 @@ def run_task(task, c):
   seconds = {
       "hypergradient": measured_seconds(programs["hypergradients"], base_hp, search_keys(0, 1),
                                         repeats=repeats),
-      "hypergradient_smooth": measured_seconds(programs["hypergradients"], base_hp,
-                                               avg_keys(0), repeats=repeats),
       "hypergradient_descent": measured_seconds(programs["hd_search"], jnp.float32(0.01),
                                                 search_keys(0)[0], base_hp, repeats=repeats),
       "truncated": measured_seconds(programs["truncated"], free_theta(task, start),
                                     search_keys(0)[0], repeats=repeats),
   }
+  # The smooth family's unit runs the same program once per seed (its own mapping to the
+  # schedules costs microseconds): avg_seeds times one measured hypergradient, so that the two
+  # full-horizon contenders are charged consistently on a busy machine.
+  seconds["hypergradient_smooth"] = c.avg_seeds * seconds["hypergradient"]
   costs = {name: s / run_seconds for name, s in seconds.items()}
   costs.update({name: float(c.search_seeds) for name in CONTENDERS[:4]})
+  warm_trials = max(1, int(c.warm_start_fraction * c.budget_runs / c.search_seeds))
   print(f"{task.name}: one training run {run_seconds * 1e3:.1f} ms; costs in runs: "
         + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()), flush=True)
 
   spread = []
   steps = {
-      "random_constant": search(task, programs, constant, random_sampler(space, c.seed),
+      "random_constant": search_candidates(task, programs, constant, random_sampler(space, c.seed),
                                 search_keys),
-      "random_warmup_cosine": search(task, programs, cosine, random_sampler(space, c.seed),
+      "random_warmup_cosine": search_candidates(task, programs, cosine, random_sampler(space, c.seed),
                                      search_keys),
-      "tpe_constant": search(task, programs, constant,
+      "tpe_constant": search_candidates(task, programs, constant,
                              tpe_sampler(space, c.seed, c.tpe_startup_trials), search_keys),
-      "tpe_warmup_cosine": search(task, programs, cosine,
+      "tpe_warmup_cosine": search_candidates(task, programs, cosine,
                                   tpe_sampler(space, c.seed, c.tpe_startup_trials), search_keys),
       "hypergradient_descent": hypergradient_descent(programs, base_hp, c.hd_betas, search_keys),
       "truncated": truncated_learner(task, free_theta(task, start), programs, search_keys, c),
       "hypergradient": gradient_learner(to_free, free_theta(task, start), programs,
                                         lambda i: search_keys(i, 1), c),
       "hypergradient_smooth": gradient_learner(to_smooth, smooth_theta(task, start, c.num_basis),
-                                               programs, avg_keys, c, spread),
+                                               programs, avg_keys, c, spread,
+                                               c.smooth_meta_step),
   }
+  steps = {name: with_cost(s, costs[name]) for name, s in steps.items()}
+  # TPE over the warmup-cosine family for part of the budget, then the smooth family's
+  # hypergradients from the best point it found.
+  steps["tpe_then_hypergradient"] = warm_started(
+      with_cost(search_candidates(task, programs, cosine,
+                                  tpe_sampler(space, c.seed, c.tpe_startup_trials), search_keys),
+                c.search_seeds),
+      warm_trials,
+      lambda point: with_cost(gradient_learner(
+          to_smooth, smooth_theta(task, point, c.num_basis), programs,
+          lambda i: avg_keys(10 ** 6 + i), c, meta_step=c.smooth_meta_step),
+          costs["hypergradient_smooth"]))
+  costs["tpe_then_hypergradient"] = costs["hypergradient_smooth"]
 
   def score(candidate):
     if candidate["kind"] == "hd":
@@ -640,7 +737,7 @@ def run_task(task, c):
   contenders = {}
   for name in CONTENDERS:
     began = time.time()
-    curve = run_contender(steps[name], costs[name], c.budget_runs, c.checkpoints, score)
+    curve = run_contender(steps[name], c.budget_runs, c.checkpoints, score)
     last = curve[-1]
     contenders[name] = {
         "compute_runs": last["compute_runs"], "units": last["units"],
@@ -689,7 +786,7 @@ def plot(tasks):
 def main(argv):
   del argv
   start = time.time()
-  c = CONFIG.value
+  c = CONFIG.value  # noqa: F821  (defined before app.run, below)
   for spec in c.tasks:
     if int(spec.split(":")[-1]) % c.window:
       raise app.UsageError(f"config.window={c.window} must divide every task's steps: {spec}")
@@ -709,4 +806,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import, so that the tests can import this module's functions.
+  CONFIG = common.define_config("hpo_benchmark")
+  common.define_out_dir("results/hpo")
   app.run(main)
