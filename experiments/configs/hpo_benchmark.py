@@ -68,13 +68,13 @@ def get_config(preset="paper"):
     c.layer_sizes = (784, 16, 10)
     c.conv_channels = (4,)
     c.batch_size = 50
-    c.budget_runs = 8
+    c.budget_runs = 6
     c.checkpoints = (0.5, 1.0)
     c.hd_betas = (0.01, 0.1)
     c.window = 5
     c.tpe_startup_trials = 3
     c.avg_seeds = 1  # shares one compiled hypergradient with the free schedules
-    c.eval_seeds = 3
+    c.eval_seeds = 2
     c.timing_repeats = 1
   elif preset != "paper":
     raise ValueError(f"unknown preset {preset!r}: use 'paper' or 'quick'")
