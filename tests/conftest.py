@@ -43,7 +43,3 @@ def pytest_terminal_summary(terminalreporter, config):
   terminalreporter.write_sep("=", f"background jobs: {sum(jobs.values()):.0f} CPU-s; {timeline}")
   for key, seconds in list(jobs.items())[:config.option.durations or None]:
     terminalreporter.write_line(f"{seconds:.2f}s cpu  {key}")
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: a long end-to-end run (deselect with -m 'not slow')")
