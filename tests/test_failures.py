@@ -4,6 +4,7 @@ Also: the checks cost no host callback (so the persistent compilation cache can 
 programs), report per element under vmap, and the gradient path's reversal check fires.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -53,26 +54,44 @@ def test_reversible_programs_hold_no_host_callback_with_checks():
 
 
 def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
+  # JAX logs each lookup of the persistent cache with the program's name and key: the first
+  # process must miss and store the hypergradient's own program, the second load it.
   script = textwrap.dedent(f"""
-      import os, time, jax, jax.numpy as jnp, revhyper
+      import json, logging, jax, jax.numpy as jnp, revhyper
       jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
       jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+      lookups = []
+      class Lookups(logging.Handler):
+        def emit(self, record):
+          message = str(record.msg).lower()
+          if "persistent compilation cache" in message and len(record.args) == 2:
+            lookups.append(["hit" if "hit" in message else "miss", *record.args])
+      compiler_log = logging.getLogger("jax._src.compiler")
+      compiler_log.setLevel(logging.DEBUG)
+      compiler_log.addHandler(Lookups())
       def loss(w, h, t):
         return jnp.sum((w - h) ** 2) + 0.1 * jnp.sum(w ** 4)
-      def meta(h):
+      def revhyper_hypergradient(h):
         out = revhyper.sgd(loss, jnp.ones(4), h, num_steps=50, learning_rate=0.05,
                            momentum=0.9, method=revhyper.Reversible(check_reversal=True))
         return jnp.sum(out.params ** 2)
-      start = time.perf_counter()
-      jax.jit(jax.grad(meta)).lower(jnp.float32(0.3)).compile()
-      print(time.perf_counter() - start)
+      jax.jit(jax.grad(revhyper_hypergradient)).lower(jnp.float32(0.3)).compile()
+      print(json.dumps(lookups))
   """)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  runs = []
   for _ in range(2):
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
-  entries = [f for f in os.listdir(tmp_path) if not f.endswith("-atime")]
-  assert entries, "the persistent cache stored nothing"
+    proc = subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                          capture_output=True, text=True)
+    lookups = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs.append({key: kind for kind, name, key in lookups
+                 if name == "jit_revhyper_hypergradient"})
+  (key, kind), = runs[0].items()
+  assert kind == "miss"
+  entries = [f for f in os.listdir(tmp_path) if f.startswith(key)]
+  assert entries, f"the persistent cache did not store the hypergradient ({key})"
+  assert runs[1] == {key: "hit"}
 
 
 def test_vmap_reports_failures_per_element_and_keeps_the_others_exact():
