@@ -436,7 +436,8 @@ class Stats(NamedTuple):
   fixed_point_overflow: jax.Array
   buffer_overflow: jax.Array  # bool [], the bit stack ran out of capacity.
   # bool [], a non-finite learning rate, or a decay coefficient (momentum, b1, b2,
-  # learning_rate * weight_decay) outside [0, 1], or a negative or non-finite eps.
+  # learning_rate * weight_decay) outside [0, 1], or a negative or non-finite eps; or traced
+  # initial weights or optimizer states that are NaN or inf.
   invalid_hyperparameters: jax.Array
   non_finite: jax.Array  # bool [], final weights or optimizer states not finite.
 
@@ -471,9 +472,10 @@ def any_non_finite(*trees):
 
 
 INVALID_HYPERPARAMETERS = (
-    "invalid hyperparameters: a learning rate is not finite or a momentum is outside [0, 1] "
-    "(adam: b1, b2 or learning_rate * weight_decay outside [0, 1], or eps, eps_root negative "
-    "or not finite).")
+    "invalid hyperparameters or initial values: a learning rate is not finite or a momentum is "
+    "outside [0, 1] (adam: b1, b2 or learning_rate * weight_decay outside [0, 1], or eps, "
+    "eps_root negative or not finite), or the initial values were not finite: params or the "
+    "initial optimizer state (velocity; adam: mu, nu) hold NaN or inf.")
 NON_FINITE = (
     "non-finite training: the final weights or velocities are NaN or infinite; the training run "
     "diverged, e.g. from too large a learning rate.")

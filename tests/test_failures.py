@@ -279,3 +279,43 @@ def test_a_whole_equinox_module_as_params_gets_partition_advice():
   out = revhyper.sgd(lambda p, h, t: jnp.sum(eqx.combine(p, static)(jnp.ones(3)) ** 2), params,
                      None, num_steps=3, learning_rate=0.1, momentum=0.9)
   assert not bool(out.stats.failed)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda p: revhyper.sgd(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1, momentum=0.9),
+     r"params\['a'\]"),
+    (lambda p: revhyper.sgd(loss_fn, PARAMS, 0.3, num_steps=5, learning_rate=0.1, momentum=0.9,
+                            velocity=p), r"velocity\['a'\]"),
+    (lambda p: revhyper.adam(loss_fn, PARAMS, 0.3, num_steps=5, learning_rate=0.1, nu=p),
+     r"nu\['a'\]"),
+    (lambda p: revhyper.round_trip(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1,
+                                   momentum=0.9), r"params\['a'\]"),
+], ids=["params", "velocity", "adam_nu", "round_trip"])
+def test_non_finite_initial_values_are_a_value_error_naming_the_argument(call, name):
+  bad = dict(PARAMS, a=PARAMS["a"].at[2].set(jnp.inf))
+  bad = jax.tree.map(jnp.abs, bad)  # nu must be non-negative
+  with pytest.raises(ValueError, match=name + r" must be finite.*NaN or inf.*\[\[2\]\]"):
+    call(bad)
+
+
+@pytest.mark.parametrize("method", ["reversible", "unroll"])
+def test_non_finite_initial_values_under_jit_fail_the_run_saying_so(method):
+  bad = dict(PARAMS, a=PARAMS["a"].at[0].set(jnp.nan))
+  # Eagerly differentiated, the values are still concrete: the same ValueError.
+  meta = lambda p: jnp.sum(revhyper.sgd(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1,
+                                        momentum=0.9, method=method).params["a"])
+  with pytest.raises(ValueError, match=r"params\['a'\] must be finite"):
+    jax.grad(meta)(bad)
+  out = jax.jit(lambda p: revhyper.sgd(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1,
+                                       momentum=0.9, method=method))(bad)
+  assert bool(out.stats.invalid_hyperparameters) and bool(out.stats.failed)
+  assert np.all(np.isnan(out.params["b"]))
+  # The first reason given is the cause, not an overflow or a diverging run.
+  with pytest.raises(revhyper.ReversalError,
+                     match=r"training run failed: invalid hyperparameters or initial values: "
+                           r".*the initial values were not finite: params"):
+    out.stats.raise_if_failed()
+  if method == "reversible":  # its backward pass poisons every hypergradient of a failed run
+    grads = jax.jit(jax.grad(meta))(bad)
+    assert np.all(np.isnan(grads["b"]))
+
