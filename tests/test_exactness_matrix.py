@@ -13,6 +13,7 @@ columns are the two forms of the gradient in the backward pass (``share_gradient
 """
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -149,8 +150,11 @@ def hypergradient(row, method, params, hparams, coefs):
   return jax.jit(grad)(params, hparams, coefs)
 
 
-def float64_unroll(row, params, hparams):
-  """The reference: store-all backprop of the same dynamics, in float64."""
+@functools.lru_cache
+def float64_unroll(name):
+  """The reference: store-all backprop of the same dynamics, in float64 (one per row, for both
+  columns)."""
+  row, params, hparams = OPTIMIZERS[name], make_params(), jnp.float32(1e-3)
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
     grads, _ = hypergradient(row, "unroll", to64(params), to64(hparams), to64(row.coefs))
@@ -187,7 +191,7 @@ def test_hypergradient_is_exact_where_every_stack_spills(name, share_gradient):
   # check_reversal: a rebuilt initial state that differs in one bit makes every gradient NaN.
   for leaf in jax.tree.leaves(grads):
     assert np.all(np.isfinite(leaf)), (name, grads)
-  expected = float64_unroll(row, params, hparams)
+  expected = float64_unroll(name)
   # One relative error over every hypergradient: where the weight decay forgets w_0 (160 bits
   # per lane), d/dw_0 underflows float32 and has no relative scale of its own.
   assert relative_error(grads, expected) <= row.rtol, relative_error(grads, expected)

@@ -221,7 +221,7 @@ def _corrupt_refills(monkeypatch):
   monkeypatch.setattr(_bitstack, "_refill", corrupted)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_reversal_check_fires_on_a_corrupted_bit_stack(monkeypatch, optimizer):
   # momentum (b1, b2) 0.3: 1.7 bits per lane and step, every lane spills 5 times in 100 steps.
   # Adam's second moment must stay below 2: its loss is scaled down.
