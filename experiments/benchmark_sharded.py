@@ -17,11 +17,13 @@ are run round-robin:
                   per device
   reversible_one  the same with Reversible() on one device: the same total work
   checkpoint      Checkpoint() (ceil(sqrt(T))-step segments) on the sharded weights
-  unroll          Unroll(): store-all backprop on the sharded weights; compiled, never run
+  unroll          Unroll(): store-all backprop on the sharded weights; compiled, and run only
+                  where it is small (--quick)
 
 and measured: XLA's memory plan per device (``compiled.memory_analysis()``: temporaries,
-arguments, outputs), the median time of --repeats calls after a warm-up, and the relative L2
-error of each hypergradient against reversible_one, against a lower bound on the exact state
+arguments, outputs), the median time of --repeats calls after a warm-up, the relative L2
+error of each hypergradient against an independent reference (store-all backprop, Unroll, where
+it runs, as in --quick; else Checkpoint), and the plan against a lower bound on the exact state
 per device (``state_bound_bytes``).
 
 On a CPU the devices are simulated (``--xla_force_host_platform_device_count``): they share the
@@ -98,8 +100,9 @@ flags.DEFINE_integer("devices", None, "Devices in the mesh; default all of them 
                      "CPU devices; --device: 1).")
 flags.DEFINE_list("methods", None, "Methods to measure; default reversible,reversible_one,"
                   "checkpoint,unroll (--device: reversible,unroll).")
-flags.DEFINE_list("compile_only", ["unroll"], "Methods that are compiled and planned, "
-                  "never run (unroll's plan is T states and activations).")
+flags.DEFINE_list("compile_only", None, "Methods that are compiled and planned, never run; "
+                  "default unroll (its plan is T states and activations; --quick runs it: it "
+                  "is the reference of the errors).")
 flags.DEFINE_boolean("run", True, "Run the methods (off: memory plans only).")
 flags.DEFINE_integer("batch_size", 64, "Minibatch size.")
 flags.DEFINE_integer("num_val", 512, "Validation examples.")
@@ -114,12 +117,13 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights and the synthetic data.")
 ALL_METHODS = ("unroll", "reversible", "reversible_one", "checkpoint")
 PRESETS = {
     "default": dict(sizes="1024,2048,2048,2048,10", steps=1000, devices=None,
-                    methods=ALL_METHODS, compiler_options=None),
+                    methods=ALL_METHODS, compile_only=("unroll",), compiler_options=None),
     # A smoke run's times mean nothing; XLA's backend level 0 halves its compiles.
     "quick": dict(sizes="64,64,64,10", steps=20, devices=None, methods=ALL_METHODS,
-                  compiler_options={"xla_backend_optimization_level": 0}),
+                  compile_only=(), compiler_options={"xla_backend_optimization_level": 0}),
     "device": dict(sizes="4096,6144,6144,6144,10", steps=10000, devices=1,
-                   methods=("reversible", "unroll"), compiler_options=None),
+                   methods=("reversible", "unroll"), compile_only=("unroll",),
+                   compiler_options=None),
 }
 # The plan that the --device configuration must fit: half an 80 GB GPU.
 DEVICE_PLAN_LIMIT_BYTES = 40 * 2**30
@@ -144,7 +148,8 @@ def config_from_flags():
                          "devices.")
   return dict(mode=mode, sizes=sizes, steps=FLAGS.steps or preset["steps"], devices=devices,
               methods=[m for m in ALL_METHODS if m in methods],
-              compile_only=list(FLAGS.compile_only), run=FLAGS.run,
+              compile_only=list(FLAGS.compile_only if FLAGS.compile_only is not None
+                                else preset["compile_only"]), run=FLAGS.run,
               batch_size=FLAGS.batch_size, num_val=FLAGS.num_val,
               learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
               repeats=FLAGS.repeats or 1, warmup=FLAGS.warmup, seed=FLAGS.seed,
@@ -390,11 +395,14 @@ def main(argv):
       save(_without_arrays(results))
   for name, out in outputs.items():
     results["methods"][name]["hypergradient"] = out
-  reference = outputs.get("reversible_one")
+  # The reference is another algorithm (float backprop), so that an exact method that went
+  # wrong on every layout alike still shows an error.
+  reference = next((name for name in ("unroll", "checkpoint") if name in outputs), None)
+  results["error_reference"] = reference
   if reference is not None:
-    for record in results["methods"].values():
-      if "hypergradient" in record:
-        record["error"] = relative_error(record["hypergradient"], reference)
+    for name, record in results["methods"].items():
+      if "hypergradient" in record and name != reference:
+        record["error"] = relative_error(record["hypergradient"], outputs[reference])
   for record in results["methods"].values():
     record.pop("hypergradient", None)
   results["ratios"] = ratios(results)

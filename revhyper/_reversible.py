@@ -457,7 +457,8 @@ class Stats(NamedTuple):
   fixed_point_overflow: jax.Array
   buffer_overflow: jax.Array  # bool [], the bit stack ran out of capacity.
   # bool [], a non-finite learning rate, or a decay coefficient (momentum, b1, b2,
-  # learning_rate * weight_decay) outside [0, 1], or a negative or non-finite eps.
+  # learning_rate * weight_decay) outside [0, 1], or a negative or non-finite eps; or traced
+  # initial weights or optimizer states that are NaN or inf.
   invalid_hyperparameters: jax.Array
   non_finite: jax.Array  # bool [], final weights or optimizer states not finite.
 
@@ -492,9 +493,11 @@ def any_non_finite(*trees):
 
 
 INVALID_HYPERPARAMETERS = (
-    "invalid hyperparameters: a learning rate (or another coefficient) is not finite, a decay "
-    "(momentum, b1, b2, learning_rate * weight_decay, ...) is outside [0, 1], or a "
-    "non-negative coefficient (eps, eps_root, a clipping threshold) is negative.")
+    "invalid hyperparameters or initial values: a learning rate (or another coefficient) is "
+    "not finite, a decay (momentum, b1, b2, learning_rate * weight_decay, ...) is outside "
+    "[0, 1], a non-negative coefficient (eps, eps_root, a clipping threshold) is negative, or "
+    "the initial values were not finite: params or the initial optimizer states hold NaN or "
+    "inf.")
 NON_FINITE = (
     "non-finite training: the final weights or velocities are NaN or infinite; the training run "
     "diverged, e.g. from too large a learning rate.")

@@ -324,10 +324,31 @@ def _strong(x):
   return jnp.asarray(x, dtype=jnp.result_type(x))
 
 
+def _check_finite_tree(tree, name):
+  """Raises a ``ValueError`` naming the leaf where a concrete initial value is NaN or inf.
+
+  Traced values are checked inside the program instead (``initial_values_not_finite``).
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    finite = jnp.isfinite(leaf)
+    # Reduced where the values are (one scalar comes back), concrete also under an eager grad.
+    if _schedules.concrete_value(jnp.all(finite)) == np.bool_(False):
+      where = np.argwhere(~_schedules.concrete_value(finite))[:3].tolist()
+      raise ValueError(f"{name}{jax.tree_util.keystr(path)} must be finite: it holds NaN or "
+                       f"inf (at indices {where}); training from it cannot be reversed.")
+
+
+def initial_values_not_finite(problem):
+  """A bool scalar: an initial weight or optimizer state is NaN or inf (traced values; concrete
+  ones were rejected by ``flatten_params`` and ``flatten_like``)."""
+  return _reversible.any_non_finite(problem.params, problem.slots)
+
+
 def flatten_params(params):
   """The parameter leaves (strongly typed) and their treedef; raises for bad params."""
   _check_float_tree(params, "params")
   params = jax.tree_util.tree_map(_strong, params)
+  _check_finite_tree(params, "params")
   leaves, treedef = jax.tree_util.tree_flatten(params)
   if not leaves:
     raise ValueError("params must contain at least one array.")
@@ -343,6 +364,7 @@ def flatten_like(tree, leaves, treedef, name):
     return [_sharding.like(jnp.zeros_like(x), x) for x in leaves]
   _check_float_tree(tree, name)
   tree = jax.tree_util.tree_map(_strong, tree)
+  _check_finite_tree(tree, name)
   state_leaves, state_treedef = jax.tree_util.tree_flatten(tree)
   if state_treedef != treedef:
     raise ValueError(f"{name} must have the structure of params ({treedef}), got "
@@ -526,9 +548,16 @@ def _check_reversible(problem):
                      "trajectory.")
 
 
+def _with_initial_values_checked(problem):
+  # Under jit, NaN or inf initial values fail the run as invalid inputs (named in the message),
+  # before the fixed-point conversion reports them as an overflow.
+  return problem._replace(invalid=problem.invalid | initial_values_not_finite(problem))
+
+
 def run(method, problem):
   """Runs ``problem`` with ``method``; returns ``(params, slots, stats)`` as pytrees."""
   method = resolve_method(method)
+  problem = _with_initial_values_checked(problem)
   if isinstance(method, Reversible):
     _check_reversible(problem)
     config = _reversible_config(method, problem)
@@ -598,6 +627,7 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
     raise ValueError(f"optimizer must be a revhyper.optim optimizer or one of "
                      f"{sorted(OPTIMIZERS)}, got {optimizer!r}.")
   _check_reversible(problem)
+  problem = _with_initial_values_checked(problem)
   config = _reversible_config(method, problem)
   params_out, slots_out, stats, rebuilt = _train_and_reverse_jit(
       config, problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)

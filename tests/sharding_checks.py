@@ -12,6 +12,11 @@ stack's bit for bit, and it pops back to empty):
   data    the batch split over DEVICES devices, weights replicated: the same hypergradient; a
           round trip on a 2 x DEVICES / 2 mesh ("data", "model"); and parameters on a mesh
           with Explicit axes.
+  spilling  compiled at XLA's default optimisation, in runs where every lane of every stack
+          spills at least 5 chunks: SGD at momentum 0.3 model- and data-parallel, and AdamW with
+          low b1 and b2 and a weight decay whose own stack spills, model-parallel; the
+          hypergradients (with the in-pass reversal check) against one device, and round
+          trips that rebuild the initial weights bit for bit.
   layout  compile only: per-device temporaries of exact training on meshes of 1 ... DEVICES
           devices, and the collectives in the compiled hypergradient programs.
 """
@@ -92,6 +97,12 @@ def relative_error(got, want):
   return float(jnp.linalg.norm(flat(got) - flat(want)) / jnp.linalg.norm(flat(want)))
 
 
+def rebuilt_bit_for_bit(trip, params):
+  """The round trip rebuilt the initial weights bit for bit (not only its ``exact`` flag)."""
+  pairs = zip(jax.tree_util.tree_leaves(trip.initial_params), jax.tree_util.tree_leaves(params))
+  return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+
+
 def stack_round_trip(devices):
   """The sharded stack against one stack: heads and values bit for bit, tails per device."""
   mesh = mesh_of((devices,), ("x",))
@@ -152,6 +163,7 @@ def model_parallel(devices):
   trip = revhyper.round_trip(mlp_loss(), mlp_params(), 1e-3, num_steps=NUM_STEPS,
                              learning_rate=LEARNING_RATE, momentum=0.9, method=method)
   out["round_trip_exact"] = bool(trip.exact)
+  out["round_trip_rebuilt"] = rebuilt_bit_for_bit(trip, mlp_params())
   out["bits_per_weight_per_step"] = float(trip.stats.bits_per_weight_per_step)
   out["buffer_overflow"] = bool(trip.stats.buffer_overflow)
   reference = hypergradient(mlp_loss(), {}, check_reversal=False)
@@ -188,6 +200,7 @@ def other_optimizers(model):
     many = jax.jit(jax.grad(lambda h: meta(
         h, revhyper.Reversible(**sharded, check_reversal=True))))(h)
     out[name] = {"round_trip_exact": bool(trip.exact),
+                 "round_trip_rebuilt": rebuilt_bit_for_bit(trip, params),
                  "hypergradient_error": relative_error(many, one)}
   return out
 
@@ -222,6 +235,7 @@ def data_parallel(devices):
       mlp_loss(both), mlp_params(), 1e-3, num_steps=NUM_STEPS, learning_rate=LEARNING_RATE,
       momentum=0.9, method=revhyper.Reversible(mesh=both, param_specs=MODEL_SPECS))
   out["data_and_model_round_trip_exact"] = bool(trip.exact)
+  out["data_and_model_round_trip_rebuilt"] = rebuilt_bit_for_bit(trip, mlp_params())
   out["explicit"] = explicit_axes(devices)
   return out
 
@@ -264,6 +278,59 @@ def explicit_axes(devices):
   trip = revhyper.round_trip(loss, params, 1e-3, num_steps=NUM_STEPS,
                              learning_rate=LEARNING_RATE, momentum=0.9)
   out["round_trip_exact"] = bool(trip.exact)
+  out["round_trip_rebuilt"] = rebuilt_bit_for_bit(trip, params)
+  return out
+
+
+SPILLING = {
+    # log2(1 / 0.3) = 1.74 bits per lane and step.
+    "sgd": (revhyper.sgd, "sgd", dict(learning_rate=0.05, momentum=0.3), [0.3], 100),
+    # mu, nu and the weights' decay 1 - lr * wd = 0.5: 1 bit per lane and step each. A large
+    # eps keeps weights whose gradients vanish (the decay holds them near a minimum) from
+    # taking unit steps in the direction of float32's rounding, which another order of the
+    # sums (sharded) flips: with eps = 1e-3 the hypergradients differed by 5e-4.
+    "adamw": (revhyper.adam, "adam",
+              dict(learning_rate=0.002, b1=0.5, b2=0.5, weight_decay=250.0, eps=0.1),
+              [0.5, 0.5, 0.5], 170),
+}
+
+
+def spilling(devices):
+  """Runs where every stack spills, at the default optimisation, against one device."""
+  out = {"devices": len(jax.devices())}
+  model = mesh_of((devices,), ("model",))
+  data = mesh_of((devices,), ("data",))
+  params = mlp_params()
+  cases = {"sgd_model": ("sgd", mlp_loss(), dict(mesh=model, param_specs=MODEL_SPECS)),
+           "sgd_data": ("sgd", mlp_loss(data), dict(mesh=data)),
+           "adamw_model": ("adamw", mlp_loss(), dict(mesh=model, param_specs=MODEL_SPECS))}
+  for name, (optimizer, loss, layout) in cases.items():
+    train, trip_name, kwargs, decays, num_steps = SPILLING[optimizer]
+    # Traced learning rates (and so traced decays with a weight decay): min_momentum.
+    bound = dict(min_momentum=min(decays) - 0.05)
+
+    def meta(h, method, loss=loss, train=train, kwargs=kwargs, num_steps=num_steps):
+      out = train(loss, params, h["l2"], num_steps=num_steps,
+                  **dict(kwargs, learning_rate=h["lr"]), method=method)
+      return mlp_loss()(out.params, 0.0, num_steps + 7), out.stats
+
+    h = {"l2": jnp.float32(1e-3), "lr": jnp.float32(kwargs["learning_rate"])}
+    one, _ = jax.jit(jax.grad(lambda h: meta(h, revhyper.Reversible(**bound)),
+                              has_aux=True))(h)
+    many, stats = jax.jit(jax.grad(lambda h: meta(h, revhyper.Reversible(
+        **layout, **bound, check_reversal=True)), has_aux=True))(h)
+    trip = revhyper.round_trip(loss, params, 1e-3, optimizer=trip_name, num_steps=num_steps,
+                               method=revhyper.Reversible(**layout), **kwargs)
+    # The fewest chunks a lane spills (the stack holding the least), if the stacks hold the
+    # information bound: checked against the statistics, which count every device's lanes.
+    fewest = min(num_steps * np.log2(1 / f) for f in decays) / _bitstack.CHUNK_BITS
+    out[name] = {"hypergradient_error": relative_error(many, one),
+                 "finite": bool(all(np.all(np.isfinite(x)) for x in jax.tree.leaves(many))),
+                 "stored_over_bound": float(stats.bits_stored / stats.information_bound_bits),
+                 "failed": bool(stats.failed),
+                 "fewest_spills_per_lane": float(fewest),
+                 "round_trip_exact": bool(trip.exact),
+                 "round_trip_rebuilt": rebuilt_bit_for_bit(trip, params)}
   return out
 
 
@@ -319,6 +386,7 @@ def layout(devices):
 
 if __name__ == "__main__":
   mode, devices = sys.argv[1], int(sys.argv[2])
-  modes = {"model": model_parallel, "data": data_parallel, "layout": layout}
+  modes = {"model": model_parallel, "data": data_parallel, "spilling": spilling,
+           "layout": layout}
   result = modes[mode](devices)
   print(json.dumps(result))

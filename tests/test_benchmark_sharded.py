@@ -2,7 +2,7 @@
 
 Benchmarks are not tests: nothing here asserts a time. The launcher runs in a subprocess with 8
 simulated devices (it sets them itself where XLA_FLAGS names no device count), on a tiny
-network: four compiles and three short runs, about half a minute on two cores.
+network: four compiles and four short runs, about half a minute on two cores.
 """
 
 import json
@@ -33,15 +33,19 @@ def test_quick_run_writes_plans_times_and_errors(background_jobs):
   assert results["num_weights"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
   records = results["methods"]
   assert list(records) == ["unroll", "reversible", "reversible_one", "checkpoint"]
+  # The quick run is small enough to run store-all backprop: the errors' reference, an
+  # algorithm independent of the exact methods.
+  assert results["error_reference"] == "unroll" and "error" not in records["unroll"]
   for name, record in records.items():
     memory = record["memory"]
     assert 0 < memory["temp_bytes"] <= memory["planned_bytes"]
     assert memory["loop_carry_bytes"] > 0
-    if name == "unroll":  # planned, never run
-      assert "time_s" not in record
-    else:
-      assert record["time_s"] > 0 and record["error"] <= 1e-5
-  assert records["reversible_one"]["error"] == 0
+    assert record["time_s"] > 0
+    if name != "unroll":
+      assert record["error"] <= 1e-5
+  # Float32 state and the exact grid round differently: a zero error would mean the methods
+  # were compared with themselves.
+  assert records["reversible_one"]["error"] > 0
   assert "reversible time, sharded / one device" in results["ratios"]
   assert "unroll plan / reversible plan (per device)" in results["ratios"]
   assert "reversible time, sharded / one device" in proc.stdout

@@ -4,6 +4,7 @@ Also: the checks cost no host callback (so the persistent compilation cache can 
 programs), report per element under vmap, and the gradient path's reversal check fires.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import revhyper
+from revhyper import _bitstack
 
 
 def loss_fn(w, h, t):
@@ -52,26 +54,44 @@ def test_reversible_programs_hold_no_host_callback_with_checks():
 
 
 def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
+  # JAX logs each lookup of the persistent cache with the program's name and key: the first
+  # process must miss and store the hypergradient's own program, the second load it.
   script = textwrap.dedent(f"""
-      import os, time, jax, jax.numpy as jnp, revhyper
+      import json, logging, jax, jax.numpy as jnp, revhyper
       jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
       jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+      lookups = []
+      class Lookups(logging.Handler):
+        def emit(self, record):
+          message = str(record.msg).lower()
+          if "persistent compilation cache" in message and len(record.args) == 2:
+            lookups.append(["hit" if "hit" in message else "miss", *record.args])
+      compiler_log = logging.getLogger("jax._src.compiler")
+      compiler_log.setLevel(logging.DEBUG)
+      compiler_log.addHandler(Lookups())
       def loss(w, h, t):
         return jnp.sum((w - h) ** 2) + 0.1 * jnp.sum(w ** 4)
-      def meta(h):
+      def revhyper_hypergradient(h):
         out = revhyper.sgd(loss, jnp.ones(4), h, num_steps=50, learning_rate=0.05,
                            momentum=0.9, method=revhyper.Reversible(check_reversal=True))
         return jnp.sum(out.params ** 2)
-      start = time.perf_counter()
-      jax.jit(jax.grad(meta)).lower(jnp.float32(0.3)).compile()
-      print(time.perf_counter() - start)
+      jax.jit(jax.grad(revhyper_hypergradient)).lower(jnp.float32(0.3)).compile()
+      print(json.dumps(lookups))
   """)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  runs = []
   for _ in range(2):
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
-  entries = [f for f in os.listdir(tmp_path) if not f.endswith("-atime")]
-  assert entries, "the persistent cache stored nothing"
+    proc = subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                          capture_output=True, text=True)
+    lookups = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs.append({key: kind for kind, name, key in lookups
+                 if name == "jit_revhyper_hypergradient"})
+  (key, kind), = runs[0].items()
+  assert kind == "miss"
+  entries = [f for f in os.listdir(tmp_path) if f.startswith(key)]
+  assert entries, f"the persistent cache did not store the hypergradient ({key})"
+  assert runs[1] == {key: "hit"}
 
 
 def test_vmap_reports_failures_per_element_and_keeps_the_others_exact():
@@ -169,9 +189,61 @@ def test_reversal_check_fires_on_a_nondeterministic_loss():
   with pytest.raises(revhyper.ReversalError, match="reversal check failed"):
     jax.grad(meta)(jnp.float32(0.3), checked)  # eager: the rebuilt state is concrete
   assert np.isnan(jax.jit(jax.grad(meta), static_argnums=1)(jnp.float32(0.3), checked))
-  # Without the check the gradient is finite and wrong: what the check is for.
+  # Without the check the gradient is finite and wrong: what the check is for. The noise
+  # scales the loss by 1e-3 at most, which moves the hypergradient by far more than float32
+  # rounding from a deterministic loss's.
   unchecked = jax.jit(jax.grad(meta), static_argnums=1)(jnp.float32(0.3), "reversible")
   assert np.isfinite(unchecked)
+  deterministic = lambda w, h, t: jnp.sum((w - h) ** 2)
+  exact = jax.jit(jax.grad(lambda h: jnp.sum(revhyper.sgd(
+      deterministic, jnp.ones(4), h, num_steps=30, learning_rate=0.1, momentum=0.9,
+      method="unroll").params ** 2)))(jnp.float32(0.3))
+  assert abs(unchecked - exact) > 1e-4 * abs(exact), (unchecked, exact)
+
+
+def test_round_trip_of_a_nondeterministic_loss_is_not_exact():
+  params = jnp.linspace(0.5, 1.5, 4, dtype=jnp.float32)
+  trip = revhyper.round_trip(_nondeterministic_loss, params, jnp.float32(0.3), num_steps=30,
+                             learning_rate=0.1, momentum=0.9)
+  assert not bool(trip.exact)
+  # The flag is not all that says so: the rebuilt weights differ from the initial ones.
+  assert not np.array_equal(np.asarray(trip.initial_params), np.asarray(params))
+
+
+def _corrupt_refills(monkeypatch):
+  """Makes every refill of a bit stack read chunks with their lowest bit flipped: a wrong tail,
+  as a compiler or memory fault could leave it. Only programs traced while it holds see it."""
+  refill = _bitstack._refill  # pylint: disable=protected-access
+
+  def corrupted(stack, masks):
+    return refill(stack._replace(tail=stack.tail ^ jnp.uint32(1)), masks)
+
+  monkeypatch.setattr(_bitstack, "_refill", corrupted)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
+def test_reversal_check_fires_on_a_corrupted_bit_stack(monkeypatch, optimizer):
+  # momentum (b1, b2) 0.3: 1.7 bits per lane and step, every lane spills 5 times in 100 steps.
+  # Adam's second moment must stay below 2: its loss is scaled down.
+  train = {"sgd": lambda **kw: revhyper.sgd(loss_fn=loss_fn, momentum=0.3, **kw),
+           "adam": lambda **kw: revhyper.adam(
+               loss_fn=lambda w, h, t: 0.1 * loss_fn(w, h, t), b1=0.3, b2=0.3, **kw)}[optimizer]
+
+  def meta(h, check_reversal):
+    out = train(params=PARAMS, hparams=h, num_steps=100, learning_rate=0.01,
+                method=revhyper.Reversible(check_reversal=check_reversal))
+    return jnp.sum(out.params["a"] ** 2) + jnp.sum(out.params["b"])
+
+  h = jnp.float32(0.3)
+  intact = jax.jit(jax.grad(meta), static_argnums=1)(h, True)
+  assert np.isfinite(intact)
+  _corrupt_refills(monkeypatch)
+  with pytest.raises(revhyper.ReversalError, match="reversal check failed"):
+    jax.grad(meta)(h, True)
+  assert np.isnan(jax.jit(jax.grad(meta), static_argnums=1)(h, True))
+  # Unchecked, nothing stops the corrupted state (any int64 value) from giving some number.
+  wrong = jax.jit(jax.grad(meta), static_argnums=1)(h, False)
+  assert wrong != intact
 
 
 # --- inputs that used to fail obscurely ---------------------------------------------------
@@ -207,3 +279,43 @@ def test_a_whole_equinox_module_as_params_gets_partition_advice():
   out = revhyper.sgd(lambda p, h, t: jnp.sum(eqx.combine(p, static)(jnp.ones(3)) ** 2), params,
                      None, num_steps=3, learning_rate=0.1, momentum=0.9)
   assert not bool(out.stats.failed)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda p: revhyper.sgd(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1, momentum=0.9),
+     r"params\['a'\]"),
+    (lambda p: revhyper.sgd(loss_fn, PARAMS, 0.3, num_steps=5, learning_rate=0.1, momentum=0.9,
+                            velocity=p), r"velocity\['a'\]"),
+    (lambda p: revhyper.adam(loss_fn, PARAMS, 0.3, num_steps=5, learning_rate=0.1, nu=p),
+     r"nu\['a'\]"),
+    (lambda p: revhyper.round_trip(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1,
+                                   momentum=0.9), r"params\['a'\]"),
+], ids=["params", "velocity", "adam_nu", "round_trip"])
+def test_non_finite_initial_values_are_a_value_error_naming_the_argument(call, name):
+  bad = dict(PARAMS, a=PARAMS["a"].at[2].set(jnp.inf))
+  bad = jax.tree.map(jnp.abs, bad)  # nu must be non-negative
+  with pytest.raises(ValueError, match=name + r" must be finite.*NaN or inf.*\[\[2\]\]"):
+    call(bad)
+
+
+@pytest.mark.parametrize("method", ["reversible", "unroll"])
+def test_non_finite_initial_values_under_jit_fail_the_run_saying_so(method):
+  bad = dict(PARAMS, a=PARAMS["a"].at[0].set(jnp.nan))
+  # Eagerly differentiated, the values are still concrete: the same ValueError.
+  meta = lambda p: jnp.sum(revhyper.sgd(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1,
+                                        momentum=0.9, method=method).params["a"])
+  with pytest.raises(ValueError, match=r"params\['a'\] must be finite"):
+    jax.grad(meta)(bad)
+  out = jax.jit(lambda p: revhyper.sgd(loss_fn, p, 0.3, num_steps=5, learning_rate=0.1,
+                                       momentum=0.9, method=method))(bad)
+  assert bool(out.stats.invalid_hyperparameters) and bool(out.stats.failed)
+  assert np.all(np.isnan(out.params["b"]))
+  # The first reason given is the cause, not an overflow or a diverging run.
+  with pytest.raises(revhyper.ReversalError,
+                     match=r"training run failed: invalid hyperparameters or initial values: "
+                           r".*the initial values were not finite: params"):
+    out.stats.raise_if_failed()
+  if method == "reversible":  # its backward pass poisons every hypergradient of a failed run
+    grads = jax.jit(jax.grad(meta))(bad)
+    assert np.all(np.isnan(grads["b"]))
+

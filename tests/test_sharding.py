@@ -28,10 +28,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "sharding_checks.py")
 # log2(2**16 / 58982): the information bound for momentum 0.9 rounded to 58982 / 2**16.
 BOUND_BITS = 16 - math.log2(58982)
-CHECKS = {"model": 4, "data": 8, "layout": 8}
+CHECKS = {"model": 4, "data": 8, "spilling": 4, "layout": 8}
 # Exact code compiles at XLA's backend level 0 too (the same program runs in both loops), in
-# half the time; the memory plan is measured as a user would compile it.
-FAST_COMPILE = {"model": True, "data": True, "layout": False}
+# half the time; the memory plan is measured as a user would compile it, and the spilling runs
+# are checked as a user would compile them.
+FAST_COMPILE = {"model": True, "data": True, "spilling": False, "layout": False}
 
 
 def jobs(folder):
@@ -88,6 +89,7 @@ def test_sharded_bit_stack_matches_one_stack_bit_for_bit(checks, mode):
 def test_model_parallel_round_trip_is_exact_and_stores_the_bound(checks):
   result = checks["model"]
   assert result["round_trip_exact"] and not result["buffer_overflow"]
+  assert result["round_trip_rebuilt"]  # the initial weights, bit for bit
   assert result["bits_per_weight_per_step"] == pytest.approx(BOUND_BITS, rel=1e-5)
 
 
@@ -109,7 +111,7 @@ def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, opti
   # Adam's two moments share one stack and AdamW's weight decay has a second: every stack is
   # laid out per device, and the hypergradient's in-pass check passes.
   result = checks["model"]["optimizers"][optimizer]
-  assert result["round_trip_exact"]
+  assert result["round_trip_exact"] and result["round_trip_rebuilt"]
   assert result["hypergradient_error"] <= 1e-6
 
 
@@ -124,11 +126,27 @@ def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
 
 
 def test_explicit_axes_round_trip_is_exact(checks):
-  assert checks["data"]["explicit"]["round_trip_exact"]
+  explicit = checks["data"]["explicit"]
+  assert explicit["round_trip_exact"] and explicit["round_trip_rebuilt"]
 
 
 def test_data_and_model_parallel_round_trip_is_exact(checks):
   assert checks["data"]["data_and_model_round_trip_exact"]
+  assert checks["data"]["data_and_model_round_trip_rebuilt"]
+
+
+@pytest.mark.parametrize("case", ["sgd_model", "sgd_data", "adamw_model"])
+def test_sharded_runs_whose_stacks_spill_agree_with_one_device(checks, case):
+  # Compiled at the default optimisation; every lane of every stack spills at least 5 chunks
+  # (the stacks hold the information bound), so the backward pass refills on every device.
+  result = checks["spilling"][case]
+  assert not result["failed"]
+  assert result["fewest_spills_per_lane"] >= 5
+  assert result["stored_over_bound"] == pytest.approx(1.0, rel=0.01)
+  # The in-pass reversal check passed (NaN otherwise), and the sums are float32's alone.
+  assert result["finite"]
+  assert result["hypergradient_error"] <= 1e-5
+  assert result["round_trip_exact"] and result["round_trip_rebuilt"]
 
 
 def test_per_device_memory_falls_as_one_over_devices(checks):
