@@ -80,6 +80,31 @@ def _weight_decay(c):
   return 1 - c["learning_rate"] * c["weight_decay"]
 
 
+def _optim(make):
+  """A row for an optimizer of revhyper.optim, run by revhyper.train: ``make(**coefs)``."""
+
+  def run(loss_fn, params, hparams, num_steps, method, **coefs):
+    return revhyper.train(loss_fn, params, hparams, make(**coefs), num_steps=num_steps,
+                          method=method)
+
+  def round_trip(loss_fn, params, hparams, num_steps, **coefs):
+    return revhyper.round_trip(loss_fn, params, hparams, optimizer=make(**coefs),
+                               num_steps=num_steps)
+
+  return run, round_trip
+
+
+_OPTAX_SGD = _optim(lambda learning_rate, momentum: revhyper.optim.sgd(learning_rate, momentum))
+_RMSPROP = _optim(lambda learning_rate, decay, momentum: revhyper.optim.rmsprop(
+    learning_rate, decay=decay, momentum=momentum, centered=True))
+_ADABELIEF = _optim(lambda learning_rate, b1, b2: revhyper.optim.adabelief(
+    learning_rate, b1=b1, b2=b2, eps=1e-8, eps_root=1e-8))
+_CLIPPED_ADAMW = _optim(lambda learning_rate, b1, b2, weight_decay: revhyper.optim.chain(
+    revhyper.optim.clip_by_global_norm(0.05),
+    revhyper.optim.adamw(learning_rate, b1=b1, b2=b2, eps_root=1e-8,
+                         weight_decay=weight_decay)))
+
+
 OPTIMIZERS = {
     # log2(1/0.3) = 1.74 bits per lane and step: a spill every 18 steps.
     "sgd_low_momentum": Optimizer(
@@ -99,10 +124,26 @@ OPTIMIZERS = {
         _adam, _adam_round_trip, dict(learning_rate=0.002, b1=0.5, b2=0.55, weight_decay=125.0),
         lambda c: [c["b1"], c["b2"], _weight_decay(c)], num_steps=400, min_momentum=0.4,
         rtol=1e-4),
+    # The optimizers of revhyper.optim, as optax names them.
+    "optax_sgd": Optimizer(
+        *_OPTAX_SGD, dict(learning_rate=0.02, momentum=0.3), lambda c: [c["momentum"]],
+        num_steps=150, min_momentum=0.25, rtol=1e-5),
+    "rmsprop_centered": Optimizer(
+        *_RMSPROP, dict(learning_rate=0.001, decay=0.5, momentum=0.5),
+        lambda c: [c["decay"], c["decay"], c["momentum"]], num_steps=250, min_momentum=0.4,
+        rtol=1e-4),
+    "adabelief": Optimizer(
+        *_ADABELIEF, dict(learning_rate=0.001, b1=0.4, b2=0.6), lambda c: [c["b1"], c["b2"]],
+        num_steps=250, min_momentum=0.3, rtol=1e-4),
+    "clip_by_global_norm+adamw": Optimizer(
+        *_CLIPPED_ADAMW, dict(learning_rate=0.002, b1=0.5, b2=0.55, weight_decay=125.0),
+        lambda c: [c["b1"], c["b2"], _weight_decay(c)], num_steps=400, min_momentum=0.4,
+        rtol=1e-4),
 }
-# Per row, the cell in the quick loop; the other form runs with the slow tests.
+# Per row, the cell in the quick loop (None: none); the other form runs with the slow tests.
 QUICK_FORM = {"sgd_low_momentum": True, "sgd_weight_decay": False, "adam": True,
-              "adamw": False}
+              "adamw": False, "optax_sgd": None, "rmsprop_centered": None, "adabelief": None,
+              "clip_by_global_norm+adamw": None}
 
 
 def loss_fn(w, h, t):
