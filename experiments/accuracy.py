@@ -283,8 +283,10 @@ def main(argv):
              "rows": [], "references": [], "complete": False}
   path = os.path.join(_OUT_DIR.value, "results.json")
   start = time.perf_counter()
-  for optimizer in cfg["optimizers"]:
-    for sizes in cfg["sizes"]:
+  # Networks outermost, in the order given, so that a run cut short has both optimizers on
+  # the networks it finished.
+  for sizes in cfg["sizes"]:
+    for optimizer in cfg["optimizers"]:
       rows, reference = run_network(cfg, sizes, optimizer)
       results["rows"] += rows
       results["references"].append(reference)
