@@ -1,4 +1,4 @@
-r"""A ``jax.profiler`` trace of one reversible hypergradient, for reading in TensorBoard or Perfetto.
+r"""A jax.profiler trace of one reversible hypergradient, for TensorBoard or Perfetto.
 
 The problem is the benchmark's (the paper's tanh MLP on the bundled MNIST digits, momentum SGD,
 batch --batch_size, the validation loss after T steps differentiated with respect to an L2
