@@ -95,10 +95,13 @@ def _optim(make):
 
 
 _OPTAX_SGD = _optim(lambda learning_rate, momentum: revhyper.optim.sgd(learning_rate, momentum))
+# A large eps keeps 1 / sqrt(second moment) bounded: with a tiny one, low decays let the second
+# moment of some weights fall near 0 and the hypergradients turn chaotic (above 1e16, float64
+# included), which says nothing about exactness.
 _RMSPROP = _optim(lambda learning_rate, decay, momentum: revhyper.optim.rmsprop(
-    learning_rate, decay=decay, momentum=momentum, centered=True))
+    learning_rate, decay=decay, eps=1e-2, momentum=momentum, centered=True))
 _ADABELIEF = _optim(lambda learning_rate, b1, b2: revhyper.optim.adabelief(
-    learning_rate, b1=b1, b2=b2, eps=1e-8, eps_root=1e-8))
+    learning_rate, b1=b1, b2=b2, eps=0.1, eps_root=1e-8))
 _CLIPPED_ADAMW = _optim(lambda learning_rate, b1, b2, weight_decay: revhyper.optim.chain(
     revhyper.optim.clip_by_global_norm(0.05),
     revhyper.optim.adamw(learning_rate, b1=b1, b2=b2, eps_root=1e-8,
