@@ -224,3 +224,62 @@ def test_reused_program_reads_new_closed_over_values():
   data["target"] = jnp.full(3, 4.0)
   second = revhyper.sgd(loss, jnp.ones(3), None, **kwargs).params
   assert float(jnp.max(jnp.abs(first))) < 0.1 and float(jnp.min(second)) > 3.9
+
+
+# --- eager or traced ----------------------------------------------------------------------------
+
+def _traced_in(transform):
+  """What ``_at_top_level`` says inside ``transform``, for an argument and without one."""
+  from revhyper import _training
+  seen = {}
+
+  def probe(x):
+    seen["argument"] = _training._at_top_level((x,))
+    seen["constants"] = _training._at_top_level((np.ones(2, np.float32),))
+    return x * 0.0
+
+  transform(probe)
+  return seen
+
+
+@pytest.mark.parametrize("name,transform", [
+    ("jit", lambda f: jax.jit(f)(1.0)),
+    ("eval_shape", lambda f: jax.eval_shape(f, 1.0)),
+    ("make_jaxpr", lambda f: jax.make_jaxpr(f)(1.0)),
+    ("scan", lambda f: jax.lax.scan(lambda c, _: (f(c), None), 1.0, None, length=2)),
+    ("checkpoint", lambda f: jax.checkpoint(f)(1.0)),
+])
+def test_staging_transformations_are_seen_whatever_the_arguments(name, transform):
+  # _at_top_level relies on public JAX behaviour alone: an operation on constants inside a
+  # staging transformation gives a jax.core.Tracer. If a JAX release stops that, eager calls
+  # inside jit would take the eager path and fail; this test names the cause.
+  seen = _traced_in(transform)
+  assert seen == {"argument": False, "constants": False}, (
+      f"under {name}, revhyper._training._at_top_level no longer sees the trace ({seen}): "
+      "JAX changed how constants are traced; update _at_top_level")
+
+
+@pytest.mark.parametrize("name,transform", [
+    ("vmap", lambda f: jax.vmap(f)(jnp.ones(2))),
+    ("grad", lambda f: jax.grad(lambda x: f(x).sum())(1.0)),
+    ("jvp", lambda f: jax.jvp(f, (1.0,), (1.0,))),
+])
+def test_transformed_arguments_are_seen(name, transform):
+  # vmap, grad and jvp wrap only what depends on their inputs: a tracer among the arguments
+  # is how _at_top_level sees them.
+  assert _traced_in(transform)["argument"] is False, (
+      f"under {name}, a transformed argument is no longer a jax.core.Tracer; "
+      "update revhyper._training._at_top_level")
+
+
+def test_eager_calls_are_seen_as_eager():
+  from revhyper import _training
+  assert _training._at_top_level((jnp.ones(3), np.float32(2.0), None))
+
+
+def test_jit_without_traced_arguments_runs_the_traced_path():
+  # Everything the call receives is a constant, yet it runs inside jit: the eager path's
+  # checks, which read concrete statistics, must not run there.
+  eager = meta(jnp.float32(0.5))
+  jitted = jax.jit(lambda: meta(jnp.float32(0.5)))()
+  np.testing.assert_allclose(jitted, eager, rtol=1e-6)
