@@ -1,11 +1,14 @@
-"""The README's quickstart runs as written and its claims hold."""
+"""The README is a front door: its quickstart runs, its commands are the ones CI runs, and every
+number it states is backed by the documentation page it links to."""
 
 import pathlib
 import re
 
 import numpy as np
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+MAX_LINES = 200  # what a reader takes in before the documentation takes over
 
 
 def test_quickstart_runs_and_agrees_with_unroll(capsys):
@@ -25,3 +28,33 @@ def test_readme_names_exactly_two_setup_commands_and_the_ci_runs_the_test_one():
   ci = (README.parent / ".ci" / "run").read_text()
   test_command = [c for c in setup if "pytest" in c][0]
   assert test_command in ci
+
+
+def test_readme_is_short_and_names_the_quick_loop():
+  text = README.read_text()
+  assert len(text.splitlines()) <= MAX_LINES
+  assert '`python -m pytest -q -m "not slow"`' in text
+  assert '-m "not slow"' in (ROOT / "docs" / "contributing.rst").read_text()
+
+
+def test_every_link_of_the_readme_resolves():
+  links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+  local = [link for link in links if "://" not in link]
+  assert local
+  missing = [link for link in local if not (ROOT / link).exists()]
+  assert not missing, missing
+
+
+def test_every_headline_number_is_on_the_pages_it_links_to():
+  # The "What it delivers" table: each row's numbers must appear on the documentation pages
+  # that the row cites, so that the README never states what the documentation does not back.
+  text = README.read_text()
+  section = text[text.index("## What it delivers"):]
+  section = section[:section.index("\n## ")]
+  rows = [line for line in section.splitlines() if line.startswith("| ") and "](" in line]
+  assert len(rows) >= 5
+  for row in rows:
+    pages = "".join((ROOT / p).read_text() for p in re.findall(r"\]\(([^)]+)\)", row))
+    claim = row.split("|")[2]
+    for number in re.findall(r"\d[\d,.]*\d|\d", claim):
+      assert number in pages, f"{number!r} of {claim.strip()!r} is not on its pages"

@@ -35,7 +35,7 @@ FAST_COMPILE = {"model": True, "data": True, "layout": False}
 
 
 def jobs(folder):
-  """Every mode of sharding_checks.py, each in its own process, and the README's example."""
+  """Every mode of sharding_checks.py, each in its own process, and the documented example."""
   del folder  # these jobs write nothing but their output
   specs = {}
   for mode, devices in CHECKS.items():
@@ -44,17 +44,22 @@ def jobs(folder):
       flags += " --xla_backend_optimization_level=0"
     env = {"XLA_FLAGS": flags, "PYTHONPATH": ROOT}
     specs[mode] = Job([sys.executable, SCRIPT, mode, str(devices)], env=env, timeout=300)
-  specs["readme"] = Job([sys.executable, "-c", readme_scaling_example()], timeout=300, env={
+  specs["example"] = Job([sys.executable, "-c", scaling_example()], timeout=300, env={
       "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
       "PYTHONPATH": ROOT})
   return specs
 
 
-def readme_scaling_example():
-  """The README's scaling example, then a line printing its sharded and one-device results."""
-  readme = pathlib.Path(ROOT, "README.md").read_text()
-  section = readme[readme.index("## Scaling"):]
-  code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
+def scaling_example():
+  """The example of docs/scaling.rst, then a line printing its sharded and one-device results."""
+  page = pathlib.Path(ROOT, "docs", "scaling.rst").read_text()
+  block = page[page.index(".. code-block:: python\n") + len(".. code-block:: python\n"):]
+  lines = []
+  for line in block.splitlines()[1:]:  # after the blank line that opens the block
+    if line and not line.startswith("   "):
+      break
+    lines.append(line[3:])
+  code = "\n".join(lines)
   code += "\nassert len(jax.devices()) == 8\nprint('RESULT', float(hypergrad(1e-3, sharded)), "
   code += "float(hypergrad(1e-3, revhyper.Reversible())))\n"
   return code
@@ -215,8 +220,8 @@ def test_explicitly_laid_out_params_with_an_auto_mesh_raise_a_clear_error():
                  method=revhyper.Reversible(mesh=auto))
 
 
-def test_readme_scaling_example_runs_on_eight_devices(background_jobs):
-  proc = background_jobs.results(jobs)["readme"]
+def test_documented_scaling_example_runs_on_eight_devices(background_jobs):
+  proc = background_jobs.results(jobs)["example"]
   assert proc.returncode == 0, proc.stderr[-4000:]
   sharded, one = map(float, proc.stdout.split("RESULT")[1].split())
   assert sharded == pytest.approx(one, rel=1e-6)

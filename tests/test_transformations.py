@@ -92,7 +92,7 @@ def _dtype_grads(dtype, loss, method):
 
 
 # Tolerances of the agreement between methods (relative error of value and hypergradients),
-# stated in the README: the state is carried at float32 or finer by every method, so a loss
+# stated in docs/rules.rst: the state is carried at float32 or finer by every method, so a loss
 # computed in float32 agrees closely whatever the leaves' dtype; a loss computed in the leaves'
 # own half precision rounds differently as XLA fuses it differently in each method.
 DTYPE_TOLERANCE = [
