@@ -5,8 +5,9 @@ Each launcher runs as a subprocess (its absl flags stay out of this process) wit
 (tests/background.py), and the tests check the science the launcher claims, not only its
 files: meta-learning lowers the held-out loss, learned task sharing beats the paper's tied
 baseline on validation, the chaos sweep's hypergradients match finite differences at small
-learning rates and diverging runs are flagged without stopping the sweep; and each run stays
-within the CPU time its docstring states.
+learning rates and diverging runs are flagged without stopping the sweep. (The CPU time each
+launcher's docstring promises for its quick preset is measured by
+experiments/benchmark_presets.py, not here.)
 The multitask launcher also runs on a miniature Omniglot written in the archives' layout.
 """
 
@@ -15,8 +16,8 @@ import math
 import numpy as np
 import pytest
 
-from launchers import (FAST_COMPILE, assert_finite, assert_png, claimed_quick_seconds, launcher,
-                       quick, read_results, succeeded)
+from launchers import (FAST_COMPILE, assert_finite, assert_png, launcher, quick, read_results,
+                       succeeded)
 
 SCHEMA = "revhyper.experiments.results/2"
 
@@ -73,21 +74,17 @@ def runs(background_jobs):
   return background_jobs.results(jobs)
 
 
-def load(runs, name, script=None):
-  done = runs[name]
-  out_dir = succeeded(done)
+def load(runs, name):
+  out_dir = succeeded(runs[name])
   results = read_results(out_dir)
   assert results["schema"] == SCHEMA
   assert results["provenance"]["jax_version"] and results["provenance"]["backend"]
   assert results["config"] and isinstance(results["departures"], list)
-  if script is not None:  # the quick preset keeps the docstring's promise
-    assert done.cpu_seconds <= claimed_quick_seconds(script), (
-        f"{name}: {done.cpu_seconds:.0f} CPU-s")
   return out_dir, results
 
 
 def test_toy_valley_meta_learning_lowers_the_final_loss(runs):
-  out_dir, results = load(runs, "toy_valley", "toy_valley.py")
+  out_dir, results = load(runs, "toy_valley")
   assert_finite(results)
   assert results["config"]["start"] == [1.4, 3.9]
   assert results["num_hyperparameters"] == 100
@@ -101,7 +98,7 @@ def test_toy_valley_meta_learning_lowers_the_final_loss(runs):
 
 
 def test_l2_per_weight_learned_penalties_on_held_out_seeds(runs):
-  out_dir, results = load(runs, "l2_per_weight", "l2_per_weight.py")
+  out_dir, results = load(runs, "l2_per_weight")
   assert_finite(results)
   assert results["num_hyperparameters"] == 7850
   held_out = results["held_out"]
@@ -120,7 +117,7 @@ def test_l2_per_weight_learned_penalties_on_held_out_seeds(runs):
 
 
 def test_learn_data_learned_images_help_on_held_out_seeds(runs):
-  out_dir, results = load(runs, "learn_data", "learn_data.py")
+  out_dir, results = load(runs, "learn_data")
   assert_finite(results)
   assert results["num_hyperparameters"] == 10 * 784 + 1
   before, after = results["held_out"]["before"], results["held_out"]["after"]
@@ -131,7 +128,7 @@ def test_learn_data_learned_images_help_on_held_out_seeds(runs):
 
 
 def test_multitask_learned_sharing_beats_tied_on_validation(runs):
-  out_dir, results = load(runs, "multitask", "multitask.py")
+  out_dir, results = load(runs, "multitask")
   assert_finite(results)
   assert results["substitute"] is True and "stand-in" in results["data"]
   held_out = results["held_out"]
@@ -160,7 +157,7 @@ def test_multitask_on_omniglot_layout(runs):
 
 
 def test_chaos_hypergradient_matches_finite_differences_at_small_rates(runs):
-  out_dir, results = load(runs, "chaos", "chaos.py")
+  out_dir, results = load(runs, "chaos")
   assert results["config"]["centre_inputs"] is False
   log_rates = np.asarray(results["log_learning_rates"])
   rel = np.asarray(results["relative_disagreement"], dtype=float)
