@@ -19,6 +19,10 @@ import pytest
 from launchers import (FAST_COMPILE, assert_finite, assert_png, launcher, quick, read_results,
                        succeeded)
 
+# Slow (every test reads a launcher's subprocess run): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
+
 SCHEMA = "revhyper.experiments.results/2"
 
 

@@ -19,6 +19,10 @@ from background import Job
 from launchers import (EXPERIMENTS, REPO, assert_finite, assert_png, launcher, quick,
                        read_results, succeeded)
 
+# Slow (every test reads a launcher's subprocess run): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
+
 NOTEBOOK = EXPERIMENTS / "explore.ipynb"
 
 EXECUTE_NOTEBOOK = """

@@ -77,6 +77,7 @@ def checks(background_jobs):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "data"])
 def test_sharded_bit_stack_matches_one_stack_bit_for_bit(checks, mode):
   stack = checks[mode]["stack"]
@@ -90,12 +91,14 @@ def test_sharded_bit_stack_matches_one_stack_bit_for_bit(checks, mode):
   assert many == pytest.approx(one, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_model_parallel_round_trip_is_exact_and_stores_the_bound(checks):
   result = checks["model"]
   assert result["round_trip_exact"] and not result["buffer_overflow"]
   assert result["bits_per_weight_per_step"] == pytest.approx(BOUND_BITS, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "data"])
 def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
   # With the in-pass reversal check: a reverse loop that missed a bit gives NaN here. The
@@ -103,12 +106,14 @@ def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
   assert checks[mode]["hypergradient_error"] <= 1e-6
 
 
+@pytest.mark.slow
 def test_vmap_of_the_sharded_hypergradient_agrees_with_one_device(checks):
   # vmap over learning rates around a jitted, model-parallel hypergradient with the in-pass
   # reversal check: each rate's hypergradient is the one-device run's.
   assert checks["model"]["vmap_hypergradient_error"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_weight_decay"])
 def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, optimizer):
   # Adam's two moments share one stack and AdamW's weight decay has a second: every stack is
@@ -118,6 +123,7 @@ def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, opti
   assert result["hypergradient_error"] <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["sgd_typed", "sgd_given", "adam_given"])
 def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
   # jax.make_mesh's default axes are Explicit: the layout is in the arrays' types. Reversible
@@ -128,14 +134,17 @@ def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
   assert explicit[f"{run}_w1_type"] == "float32[16,64@model]"
 
 
+@pytest.mark.slow
 def test_explicit_axes_round_trip_is_exact(checks):
   assert checks["data"]["explicit"]["round_trip_exact"]
 
 
+@pytest.mark.slow
 def test_data_and_model_parallel_round_trip_is_exact(checks):
   assert checks["data"]["data_and_model_round_trip_exact"]
 
 
+@pytest.mark.slow
 def test_per_device_memory_falls_as_one_over_devices(checks):
   temp = {int(k): v for k, v in checks["layout"]["temp_bytes"].items()}
   assert checks["layout"]["tail_bytes"] <= temp[1]  # the stack is what the plan holds
@@ -143,6 +152,7 @@ def test_per_device_memory_falls_as_one_over_devices(checks):
     assert per_device == pytest.approx(temp[1] / devices, rel=0.05), (devices, temp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["model", "data"])
 def test_no_collective_touches_the_bit_stack(checks, program):
   # The stack's arrays are uint32 (tail) and uint64 (heads), its pointers int64; the only
@@ -220,6 +230,7 @@ def test_explicitly_laid_out_params_with_an_auto_mesh_raise_a_clear_error():
                  method=revhyper.Reversible(mesh=auto))
 
 
+@pytest.mark.slow
 def test_documented_scaling_example_runs_on_eight_devices(background_jobs):
   proc = background_jobs.results(jobs)["example"]
   assert proc.returncode == 0, proc.stderr[-4000:]
