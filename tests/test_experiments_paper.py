@@ -52,23 +52,25 @@ def fake_omniglot(folder):
 
 
 def jobs(folder):
-  """Every launcher's quick preset, and two variants (compiled fast: their CPU time is not
-  checked); the longest first (tests/background.py)."""
+  """Every launcher's quick preset, and two variants, the longest first (tests/background.py);
+  all compiled fast, since their checks are about the science, not the last bits."""
   omniglot = fake_omniglot(folder("omniglot"))
   jobs = {
-      "multitask": launcher("multitask.py", folder("multitask"), quick("multitask.py")),
+      "multitask": launcher("multitask.py", folder("multitask"), quick("multitask.py"),
+                            env=FAST_COMPILE),
       "multitask_omniglot": launcher(
           "multitask.py", folder("multitask_omniglot"),
           quick("multitask.py", f"omniglot_dir={omniglot}", "meta_iterations=1", "eval_seeds=2",
                 "baseline_log_l2_grid=(-4.0,)", "num_steps=3"), env=FAST_COMPILE),
   }
   for name in ("l2_per_weight", "learn_data", "chaos"):
-    jobs[name] = launcher(f"{name}.py", folder(name), quick(f"{name}.py"))
+    jobs[name] = launcher(f"{name}.py", folder(name), quick(f"{name}.py"), env=FAST_COMPILE)
   # The chaos grid reaches learning rates that diverge: they must be flagged, not fatal.
   jobs["chaos_diverging"] = launcher("chaos.py", folder("chaos_diverging"), quick(
       "chaos.py", "num_rates=6", "chunk=6", "log_rate_max=14.0", "num_steps=5"),
       env=FAST_COMPILE)
-  jobs["toy_valley"] = launcher("toy_valley.py", folder("toy_valley"), quick("toy_valley.py"))
+  jobs["toy_valley"] = launcher("toy_valley.py", folder("toy_valley"), quick("toy_valley.py"),
+                                env=FAST_COMPILE)
   return jobs
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from background import Job
-from launchers import (EXPERIMENTS, REPO, assert_finite, assert_png, launcher, quick,
-                       read_results, succeeded)
+from launchers import (EXPERIMENTS, FAST_COMPILE, REPO, assert_finite, assert_png, launcher,
+                       quick, read_results, succeeded)
 
 # Slow (every test reads a launcher's subprocess run): the quick loop,
 # -m "not slow", skips this module.
@@ -42,15 +42,17 @@ def jobs(folder):
   The halfway run and its resumption compile the programs of the uninterrupted run, which
   they load from its persistent compilation cache; the uninterrupted run compiles them itself.
   """
+  # Compiled fast: the checks are about the science, and the resumed run is compared with an
+  # uninterrupted run compiled alike.
   cache = {"JAX_COMPILATION_CACHE_DIR": str(folder("jax_cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **FAST_COMPILE}
   started = folder("schedules_resumed")
   notebook = folder("notebook")
   return {
       "schedules": launcher("schedules.py", folder("schedules"), quick("schedules.py"),
                             env=cache),
       "seed_averaged": launcher("seed_averaged.py", folder("seed_averaged"),
-                                quick("seed_averaged.py")),
+                                quick("seed_averaged.py"), env=FAST_COMPILE),
       "notebook": Job([sys.executable, "-c", EXECUTE_NOTEBOOK, str(NOTEBOOK),
                        str(notebook / "explore.ipynb"), str(REPO)], out_dir=notebook),
       "schedules_first_half": launcher("schedules.py", started,
