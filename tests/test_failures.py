@@ -51,6 +51,7 @@ def test_reversible_programs_hold_no_host_callback_with_checks():
   assert "callback" not in text.lower()
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
   script = textwrap.dedent(f"""
       import os, time, jax, jax.numpy as jnp, revhyper
@@ -122,6 +123,7 @@ HARD_REGIMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", sorted(HARD_REGIMES))
 def test_gradient_path_reverses_exactly_and_matches_unroll_where_the_stack_spills(regime):
   kwargs = HARD_REGIMES[regime]
@@ -159,6 +161,7 @@ def _nondeterministic_loss(w, h, t):
   return jnp.sum((w - h) ** 2) * (1.0 + 1e-3 * noise)
 
 
+@pytest.mark.slow
 def test_reversal_check_fires_on_a_nondeterministic_loss():
   def meta(h, method):
     out = revhyper.sgd(_nondeterministic_loss, jnp.ones(4), h, num_steps=30,

@@ -64,6 +64,7 @@ def test_every_input_gradient_agrees_with_unroll(method):
     assert rel_err(g, e) < 1e-4, (jax.tree_util.keystr(path), rel_err(g, e))
 
 
+@pytest.mark.slow
 def test_gradients_match_central_finite_differences_in_float64():
   with jax.enable_x64(True):
     params, velocity, hparams, lr, mom, num_steps = problem(jnp.float64)
@@ -108,6 +109,7 @@ def test_closed_over_arrays_get_gradients():
                              expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_over_hyperparameter_settings_matches_a_loop_of_unroll():
   params, velocity, hparams, _, _, num_steps = problem()
 
@@ -175,6 +177,7 @@ def _mnist(num):
   return jnp.asarray(x - x.mean(0)), jnp.asarray(labels, jnp.int32)
 
 
+@pytest.mark.slow
 def test_mlp_hypergradients_agree_with_unroll():
   """784-50-50-50-10 tanh MLP, batch 200, T = 100: per-layer per-step schedules, init scales."""
   x, y = _mnist(1000)

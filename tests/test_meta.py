@@ -293,6 +293,7 @@ def test_keyed_meta_loss_gets_a_new_key_per_iteration_and_traces_once(tmp_path):
   assert len(_meta.meta_optimize(quadratic, start(), num_iterations=2, progress=False).history) == 2
 
 
+@pytest.mark.slow
 def test_reseeded_resume_is_bit_identical(tmp_path):
   key = jax.random.key(7)
   full = run(tmp_path / "full", 6, meta_loss=noisy_training_meta_loss, key=key)

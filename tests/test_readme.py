@@ -5,12 +5,14 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_LINES = 200  # what a reader takes in before the documentation takes over
 
 
+@pytest.mark.slow  # three compilations of a 200-step run
 def test_quickstart_runs_and_agrees_with_unroll(capsys):
   code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
   namespace = {}

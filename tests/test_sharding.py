@@ -171,6 +171,7 @@ def _problem():
   return loss, params
 
 
+@pytest.mark.slow
 def test_one_device_mesh_gives_the_unsharded_run_bit_for_bit():
   loss, params = _problem()
   mesh = Mesh(np.array(jax.devices()[:1]), ("x",))

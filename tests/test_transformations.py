@@ -45,6 +45,7 @@ def test_higher_order_and_forward_mode_through_reversible_raise(transform):
     transform()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["unroll", "checkpoint"])
 def test_higher_order_derivatives_of_the_float_methods_match_finite_differences(method):
   second = float(jax.grad(jax.grad(meta))(0.5, method))
@@ -100,9 +101,12 @@ DTYPE_TOLERANCE = [
     (jnp.float32, _upcasting_loss, 1e-4),
     (jnp.float16, _native_loss, 1e-2), (jnp.bfloat16, _native_loss, 1e-1),
 ]
+# Each case compiles every method again: the quick loop leaves them to the full suite (the
+# methods' agreement in float32 is checked by tests/test_hypergradients.py).
+DTYPE_CASES = [pytest.param(*case, marks=pytest.mark.slow) for case in DTYPE_TOLERANCE]
 
 
-@pytest.mark.parametrize("dtype,loss,tolerance", DTYPE_TOLERANCE,
+@pytest.mark.parametrize("dtype,loss,tolerance", DTYPE_CASES,
                          ids=lambda x: getattr(x, "__name__", str(x)))
 def test_methods_agree_for_every_float_dtype(dtype, loss, tolerance):
   expected = _dtype_grads(dtype, loss, "unroll")
