@@ -200,6 +200,7 @@ def test_a_model_object_as_params_gets_partition_advice():
                  learning_rate=0.1, momentum=0.9)
 
 
+@pytest.mark.slow  # imports Equinox
 def test_a_whole_equinox_module_as_params_gets_partition_advice():
   import equinox as eqx  # pylint: disable=import-outside-toplevel
   model = eqx.nn.MLP(3, 1, 4, 1, key=jax.random.PRNGKey(0))
