@@ -149,6 +149,7 @@ def test_jit_does_not_retrace_across_hyperparameter_values():
   assert len(traces) == count
 
 
+@pytest.mark.slow
 def test_x64_enabled_float64_gradients_agree_with_unroll():
   with jax.enable_x64(True):
     expected = all_grads("unroll", jnp.float64)

@@ -175,6 +175,7 @@ def assert_same_run(a, b):
   assert strip(a.history) == strip(b.history)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_is_bit_identical(tmp_path):
   full = run(tmp_path / "full", 8)
   assert full.history[-1]["meta_loss"] < full.history[0]["meta_loss"]

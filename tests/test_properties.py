@@ -196,7 +196,7 @@ def _round_trip(params, data, learning_rate, momentum):
                              method=revhyper.Reversible(min_momentum=MIN_MOMENTUM))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(_training_runs())
 def test_round_trip_is_exact_for_random_small_mlps(run):
   params, data, learning_rate, momentum = run

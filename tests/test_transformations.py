@@ -116,6 +116,7 @@ def test_methods_agree_for_every_float_dtype(dtype, loss, tolerance):
     np.testing.assert_allclose(got, expected, rtol=tolerance, err_msg=str(method))
 
 
+@pytest.mark.slow
 def test_float64_leaves_agree_with_unroll():
   with jax.enable_x64(True):
     expected = _dtype_grads(jnp.float64, _native_loss, "unroll")
@@ -148,6 +149,7 @@ def test_low_precision_leaves_size_the_bit_stack_from_the_momentum_actually_run(
 
 # --- vmap against unroll --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vmap_matches_unroll_per_element_in_a_regime_that_spills():
   params = {"a": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32), "b": jnp.full((3,), 0.5)}
 
