@@ -75,6 +75,7 @@ def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
   assert entries, "the persistent cache stored nothing"
 
 
+@pytest.mark.slow
 def test_vmap_reports_failures_per_element_and_keeps_the_others_exact():
   lrs = jnp.asarray([0.02, 60.0, 0.05], jnp.float32)
   grad = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)

@@ -93,6 +93,7 @@ def test_gradients_match_central_finite_differences_in_float64():
       np.testing.assert_allclose(analytic, fd, rtol=2e-5, atol=1e-8, err_msg=name)
 
 
+@pytest.mark.slow
 def test_closed_over_arrays_get_gradients():
   params, velocity, hparams, lr, mom, num_steps = problem()
 
