@@ -35,7 +35,7 @@ Writes --out_dir/results.json (every number, the command line, the machine) and 
 
 Run:
 
-  # CPU, 8 simulated devices, 10.5M weights, T = 1000 (long on 2 cores: see README, "Scaling"):
+  # CPU, 8 simulated devices, 10.5M weights, T = 1000 (long on 2 cores: see docs/scaling.rst):
   python experiments/benchmark_sharded.py --out_dir=/tmp/revhyper_sharded
   # smoke run, under a minute (compiled at XLA optimisation level 0: times mean nothing):
   python experiments/benchmark_sharded.py --quick --out_dir=/tmp/revhyper_sharded_quick
@@ -231,7 +231,7 @@ class Problem:
   def state_bound_bytes(self, devices):
     """A lower bound on the exact state one device holds: per weight of its shard, w and v
     (int64), a head (uint64), and the information bound T * log2(2**16 / n) bits of tail.
-    revhyper rounds each lane's capacity up (README, "Scaling"), and the plan adds the
+    revhyper rounds each lane's capacity up (docs/scaling.rst), and the plan adds the
     cotangents and the loss's temporaries."""
     tail_bytes = self.cfg["steps"] * math.log2(MOMENTUM_GRID / self.numerator) / 8
     lanes = 0

@@ -22,9 +22,10 @@ uses optax.adam instead.
 
 Held-out evaluation: the initial and the learned hyperparameters each train
 ``config.eval_seeds`` (20) fresh seeds, never used while meta-training (one ``jax.vmap``), and
-are scored on a test split never used for meta-training; results.json, the README and the
-figures report mean ± sd over those seeds. The paper's findings: the top layer's learning rate
-grows first, then the lower layers'; all schedules decay towards the end of training.
+are scored on a test split never used for meta-training; results.json, docs/experiments.rst
+and the figures report mean ± sd over those seeds. The paper's findings: the top layer's
+learning rate grows first, then the lower layers'; all schedules decay towards the end of
+training.
 
 Departures from the authors' code (also listed in results.json): the bundled 10,000 digits
 split 5000 / 2500 / 2500 instead of 10k / 10k / 10k of full MNIST (``config.mnist_dir`` for the

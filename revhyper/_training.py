@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax._src import core as jax_core
-
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
@@ -536,9 +534,20 @@ def _run_method(config, params, slots, hparams, steps, invalid):
 _run_method_jit = jax.jit(_run_method, static_argnums=0)
 
 
-def _at_top_level():
-  """Whether no JAX transformation is tracing the caller (eager values)."""
-  return jax_core.trace_ctx.is_top_level()
+def _at_top_level(args):
+  """Whether no JAX transformation traces the call that receives ``args`` (eager values).
+
+  JAX has no public query for the current trace, so this asks two public questions: whether
+  an argument is a tracer (``vmap``, ``grad``, ``jvp`` and staging wrap what they trace), and
+  whether a new constant becomes one (staging, i.e. ``jit``, ``eval_shape``, ``scan``, records
+  every operation, even one on constants). A ``vmap`` or ``grad`` that none of the arguments
+  depends on counts as eager: the call's values are concrete then. The probe's behaviour is
+  checked against each transformation by ``tests/test_api.py``, so that a JAX release that
+  changes it fails there.
+  """
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+    return False
+  return not isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
 
 
 def _check_reversible(problem):
@@ -566,7 +575,7 @@ def run(method, problem):
                           tuple(jnp.result_type(x) for x in problem.params), method,
                           bool(jax.config.jax_enable_x64))
   args = (problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)
-  if _at_top_level():
+  if _at_top_level(args):
     params_out, slots_out, stats = _run_method_jit(config, *args)
     if method.checks:
       _reversible.check(stats, True, getattr(config, "min_decay", None))

@@ -5,9 +5,10 @@ paying Python's and JAX's start-up and XLA's compilation, while the in-process t
 core of two busy. A module that needs subprocesses lists them in a module-level function
 ``jobs(folder) -> {name: Job}`` (``folder(name)`` makes a fresh directory) and waits for them
 in a fixture with ``background.results(jobs)``. When the session starts, conftest.py starts the
-jobs of every selected module and runs those modules last, so that the jobs run beside the
-in-process tests: one at a time while a test runs, two at a time while a test waits for one.
-A module run alone starts its jobs when it first waits for them.
+jobs of every module with a selected test that waits for them (one that asks for the
+``background_jobs`` fixture, directly or through another fixture) and runs those tests last, so
+that the jobs run beside the in-process tests: one at a time while a test runs, two at a time
+while a test waits for one. A module run alone starts its jobs when it first waits for them.
 """
 
 import os

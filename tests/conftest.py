@@ -10,27 +10,40 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 import background  # noqa: E402  (its pool copies the environment set above)
 
 
-def _has_jobs(item):
-  return callable(getattr(getattr(item, "module", None), "jobs", None))
+def _waits_for_jobs(item):
+  """Whether ``item`` waits for its module's background jobs (asks for ``background_jobs``)."""
+  module = getattr(item, "module", None)
+  return callable(getattr(module, "jobs", None)) and "background_jobs" in item.fixturenames
 
 
 def pytest_collection_modifyitems(items):
-  # Modules that wait for subprocesses run last, so that their jobs run beside the others.
-  items.sort(key=_has_jobs)
+  # Tests that wait for subprocesses run last, so that their jobs run beside the others.
+  items.sort(key=_waits_for_jobs)
 
 
 _POOLS = []
 
 
 @pytest.fixture(scope="session", autouse=True)
-def background_jobs(request, tmp_path_factory):
-  """Starts the jobs of every selected module that has some, in the order the modules run."""
+def _background_pool(request, tmp_path_factory):
+  """Starts, in the order the tests run, the jobs that a selected test waits for.
+
+  ``request.session.items`` is the selection after ``-m``, ``-k`` and ``--deselect``: a module
+  whose waiting tests are all deselected starts nothing, so ``-m "not slow"`` starts no job.
+  """
   pool = background.Pool(tmp_path_factory.mktemp)
   _POOLS.append(pool)
-  for module in dict.fromkeys(item.module for item in request.session.items if _has_jobs(item)):
+  waiting = [item.module for item in request.session.items if _waits_for_jobs(item)]
+  for module in dict.fromkeys(waiting):
     pool.start(module.jobs)
   yield pool
   pool.close()
+
+
+@pytest.fixture(scope="session")
+def background_jobs(_background_pool):
+  """The session's pool of background jobs (tests/background.py); ``.results(jobs)`` waits."""
+  return _background_pool
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -33,6 +33,7 @@ def _schedules(num_steps):
           jnp.stack([const(b) if isinstance(b, float) else b for b in b2]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_decay", [0.0, 0.5])
 def test_round_trip_is_bit_exact_over_decays_shapes_and_long_runs(weight_decay):
   num_steps = 1000
@@ -82,6 +83,7 @@ def _meta(params, mu, nu, h, lr, b1, b2, eps, wd, *, method, num_steps, loss=smo
           + 100.0 * sum(jnp.sum(x) for x in jax.tree.leaves(out.nu)))
 
 
+@pytest.mark.slow
 def test_hypergradients_of_every_input_match_float64_unroll_and_finite_differences():
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
@@ -133,6 +135,7 @@ def _mnist_mlp():
   return params, loss
 
 
+@pytest.mark.slow
 def test_mlp_hypergradients_of_every_input_match_unroll():
   params, loss = _mnist_mlp()
   mu = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
@@ -156,6 +159,7 @@ def test_mlp_hypergradients_of_every_input_match_unroll():
 
 # --- against optax --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_trajectory_matches_optax_adamw_and_bits_meet_the_bound():
   images, labels = revhyper.datasets.load_mnist()
   x = jnp.asarray(images[:2000], jnp.float32) / 255.0
@@ -193,6 +197,7 @@ def test_trajectory_matches_optax_adamw_and_bits_meet_the_bound():
 
 # --- transformations ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vmap_of_jitted_hypergradients_matches_unroll():
   def objective(lr, b2, method):
     out = revhyper.adam(smooth_loss, PARAMS, jnp.float32(0.2), num_steps=150,
@@ -212,6 +217,7 @@ def test_vmap_of_jitted_hypergradients_matches_unroll():
     np.testing.assert_allclose(g, e, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_higher_order_derivatives_through_the_reversible_pass_raise():
   def meta(lr):
     out = revhyper.adam(smooth_loss, PARAMS, jnp.float32(0.2), num_steps=5, learning_rate=lr)
@@ -225,8 +231,10 @@ def test_higher_order_derivatives_through_the_reversible_pass_raise():
 
 # As for sgd (tests/test_transformations.py): the state is carried at float32 or finer by every
 # method; the loss's gradient, in the leaves' dtype, rounds alike only to that dtype.
-@pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 1e-2), (jnp.float16, 1e-3),
-                                             (jnp.float32, 1e-4)], ids=str)
+@pytest.mark.parametrize("dtype,tolerance", [
+    pytest.param(jnp.bfloat16, 1e-2, marks=pytest.mark.slow),
+    pytest.param(jnp.float16, 1e-3, marks=pytest.mark.slow),
+    (jnp.float32, 1e-4)], ids=str)
 def test_dtypes_of_the_leaves_are_kept_and_the_methods_agree(dtype, tolerance):
   params = {"a": jnp.full((8, 4), 0.1, dtype), "b": jnp.full((4,), 0.2, dtype)}
 

@@ -17,6 +17,10 @@ import pytest
 
 from background import Job
 
+# Slow (every test reads the benchmark's subprocess run): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "benchmark.py")
 METHODS = ["forward_exact", "unroll", "remat", "reversible"]

@@ -9,7 +9,13 @@ import json
 import os
 import sys
 
+import pytest
+
 from background import Job
+
+# Slow (the test waits for the benchmark's subprocess run): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "benchmark_sharded.py")

@@ -5,6 +5,8 @@ import math
 import pathlib
 import sys
 
+import pytest
+
 from launchers import launcher, read_results, succeeded
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -17,6 +19,7 @@ def jobs(folder):
                             ["--quick", f"--xla_flag_sets={FLAGS}"])}
 
 
+@pytest.mark.slow  # the launcher, in subprocesses
 def test_check_exactness_quick_under_added_xla_flags(background_jobs):
   report = read_results(succeeded(background_jobs.results(jobs)["quick"]))
   assert report["all_exact"] is True

@@ -244,6 +244,7 @@ def test_batch_indices_cover_an_epoch_without_repeats(num_examples, batch_size):
     assert sorted(idx.tolist()) == list(range(num_examples))
 
 
+@pytest.mark.slow
 def test_batch_indices_are_a_pure_function_of_key_and_step():
   key = jax.random.key(42)
   steps = jnp.arange(40, dtype=jnp.int32)

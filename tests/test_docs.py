@@ -4,6 +4,8 @@ import pathlib
 import sys
 import types
 
+import pytest
+
 import revhyper
 from background import Job
 
@@ -19,6 +21,7 @@ def jobs(folder):
                        "html", str(DOCS), str(html)], out_dir=html, timeout=300)}
 
 
+@pytest.mark.slow  # a Sphinx build in a subprocess
 def test_docs_build_with_warnings_as_errors(background_jobs):
   build = background_jobs.results(jobs)["html"]
   assert build.returncode == 0, build.stdout + build.stderr

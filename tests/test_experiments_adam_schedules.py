@@ -5,6 +5,10 @@ import pytest
 from launchers import (FAST_COMPILE, assert_finite, assert_png, launcher, quick, read_results,
                        succeeded)
 
+# Slow (every test reads a launcher's subprocess run): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
+
 TINY = quick("adam_schedules.py", "layer_sizes=784,10,10", "num_steps=5", "batch_size=50",
              "split=300,100,100", "meta_iterations=2", "eval_seeds=2", "grid=1e-3,1e-2")
 

@@ -4,7 +4,8 @@ The launchers run as subprocesses (their absl flags stay out of this process) in
 presets, beside the other tests (tests/background.py). The tests check the science: the
 reseeded meta-run lowers the held-out training loss on seeds it never saw; a resumed run
 repeats an uninterrupted one bit for bit; the seed-averaged hypergradients match plain
-backprop; and each quick run finishes within the time its docstring states.
+backprop. (The CPU time each launcher's docstring promises for its quick preset is measured
+by experiments/benchmark_presets.py, not here.)
 """
 
 import re
@@ -15,8 +16,12 @@ import numpy as np
 import pytest
 
 from background import Job
-from launchers import (EXPERIMENTS, REPO, assert_finite, assert_png, claimed_quick_seconds,
-                       launcher, quick, read_results, succeeded)
+from launchers import (EXPERIMENTS, FAST_COMPILE, REPO, assert_finite, assert_png, launcher,
+                       quick, read_results, succeeded)
+
+# Slow (every test reads a launcher's subprocess run): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = EXPERIMENTS / "explore.ipynb"
 
@@ -35,18 +40,19 @@ def jobs(folder):
   """The launchers' quick runs, a run stopped halfway and resumed, the notebook.
 
   The halfway run and its resumption compile the programs of the uninterrupted run, which
-  they load from its persistent compilation cache; the uninterrupted run, whose CPU time is
-  checked, compiles them itself.
+  they load from its persistent compilation cache; the uninterrupted run compiles them itself.
   """
+  # Compiled fast: the checks are about the science, and the resumed run is compared with an
+  # uninterrupted run compiled alike.
   cache = {"JAX_COMPILATION_CACHE_DIR": str(folder("jax_cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **FAST_COMPILE}
   started = folder("schedules_resumed")
   notebook = folder("notebook")
   return {
       "schedules": launcher("schedules.py", folder("schedules"), quick("schedules.py"),
                             env=cache),
       "seed_averaged": launcher("seed_averaged.py", folder("seed_averaged"),
-                                quick("seed_averaged.py")),
+                                quick("seed_averaged.py"), env=FAST_COMPILE),
       "notebook": Job([sys.executable, "-c", EXECUTE_NOTEBOOK, str(NOTEBOOK),
                        str(notebook / "explore.ipynb"), str(REPO)], out_dir=notebook),
       "schedules_first_half": launcher("schedules.py", started,
@@ -66,17 +72,13 @@ def runs(background_jobs):
   return background_jobs.results(jobs)
 
 
-def load(runs, name, script=None):
-  done = runs[name]
-  out_dir = succeeded(done)
-  if script is not None:
-    assert done.cpu_seconds <= claimed_quick_seconds(script), (
-        f"{name}: {done.cpu_seconds:.0f} CPU-s")
+def load(runs, name):
+  out_dir = succeeded(runs[name])
   return out_dir, read_results(out_dir)
 
 
 def test_schedules_reseeded_meta_run_lowers_the_held_out_loss(runs):
-  out_dir, results = load(runs, "schedules", "schedules.py")
+  out_dir, results = load(runs, "schedules")
   assert_finite(results)
   config = results["config"]
   assert config["reseed"] is True and config["meta_optimizer"] == "paper_adam"
@@ -113,7 +115,7 @@ def test_schedules_resume_matches_uninterrupted_run(runs):
 
 
 def test_seed_averaged_hypergradient_matches_backprop(runs):
-  out_dir, results = load(runs, "seed_averaged", "seed_averaged.py")
+  out_dir, results = load(runs, "seed_averaged")
   assert_finite(results)
   config = results["config"]
   assert results["check_against_unroll"]["seeds"] >= 1

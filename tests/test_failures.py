@@ -53,6 +53,7 @@ def test_reversible_programs_hold_no_host_callback_with_checks():
   assert "callback" not in text.lower()
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
   # JAX logs each lookup of the persistent cache with the program's name and key: the first
   # process must miss and store the hypergradient's own program, the second load it.
@@ -94,6 +95,7 @@ def test_persistent_compilation_cache_stores_the_hypergradient(tmp_path):
   assert runs[1] == {key: "hit"}
 
 
+@pytest.mark.slow
 def test_vmap_reports_failures_per_element_and_keeps_the_others_exact():
   lrs = jnp.asarray([0.02, 60.0, 0.05], jnp.float32)
   grad = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
@@ -142,6 +144,7 @@ HARD_REGIMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", sorted(HARD_REGIMES))
 def test_gradient_path_reverses_exactly_and_matches_unroll_where_the_stack_spills(regime):
   kwargs = HARD_REGIMES[regime]
@@ -179,6 +182,7 @@ def _nondeterministic_loss(w, h, t):
   return jnp.sum((w - h) ** 2) * (1.0 + 1e-3 * noise)
 
 
+@pytest.mark.slow
 def test_reversal_check_fires_on_a_nondeterministic_loss():
   def meta(h, method):
     out = revhyper.sgd(_nondeterministic_loss, jnp.ones(4), h, num_steps=30,
@@ -269,6 +273,7 @@ def test_a_model_object_as_params_gets_partition_advice():
                  learning_rate=0.1, momentum=0.9)
 
 
+@pytest.mark.slow  # imports Equinox
 def test_a_whole_equinox_module_as_params_gets_partition_advice():
   import equinox as eqx  # pylint: disable=import-outside-toplevel
   model = eqx.nn.MLP(3, 1, 4, 1, key=jax.random.PRNGKey(0))

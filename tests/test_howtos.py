@@ -9,6 +9,10 @@ import runpy
 
 import pytest
 
+# Slow (each how-to trains and differentiates a model end to end): the quick loop,
+# -m "not slow", skips this module.
+pytestmark = pytest.mark.slow
+
 HOWTO = pathlib.Path(__file__).resolve().parents[1] / "docs" / "howto"
 SCRIPTS = sorted(HOWTO.glob("*.py"))
 

@@ -64,6 +64,7 @@ def test_every_input_gradient_agrees_with_unroll(method):
     assert rel_err(g, e) < 1e-4, (jax.tree_util.keystr(path), rel_err(g, e))
 
 
+@pytest.mark.slow
 def test_gradients_match_central_finite_differences_in_float64():
   with jax.enable_x64(True):
     params, velocity, hparams, lr, mom, num_steps = problem(jnp.float64)
@@ -92,6 +93,7 @@ def test_gradients_match_central_finite_differences_in_float64():
       np.testing.assert_allclose(analytic, fd, rtol=2e-5, atol=1e-8, err_msg=name)
 
 
+@pytest.mark.slow
 def test_closed_over_arrays_get_gradients():
   params, velocity, hparams, lr, mom, num_steps = problem()
 
@@ -108,6 +110,7 @@ def test_closed_over_arrays_get_gradients():
                              expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_over_hyperparameter_settings_matches_a_loop_of_unroll():
   params, velocity, hparams, _, _, num_steps = problem()
 
@@ -147,6 +150,7 @@ def test_jit_does_not_retrace_across_hyperparameter_values():
   assert len(traces) == count
 
 
+@pytest.mark.slow
 def test_x64_enabled_float64_gradients_agree_with_unroll():
   with jax.enable_x64(True):
     expected = all_grads("unroll", jnp.float64)
@@ -175,6 +179,7 @@ def _mnist(num):
   return jnp.asarray(x - x.mean(0)), jnp.asarray(labels, jnp.int32)
 
 
+@pytest.mark.slow
 def test_mlp_hypergradients_agree_with_unroll():
   """784-50-50-50-10 tanh MLP, batch 200, T = 100: per-layer per-step schedules, init scales."""
   x, y = _mnist(1000)

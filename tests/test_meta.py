@@ -175,6 +175,7 @@ def assert_same_run(a, b):
   assert strip(a.history) == strip(b.history)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_is_bit_identical(tmp_path):
   full = run(tmp_path / "full", 8)
   assert full.history[-1]["meta_loss"] < full.history[0]["meta_loss"]
@@ -293,6 +294,7 @@ def test_keyed_meta_loss_gets_a_new_key_per_iteration_and_traces_once(tmp_path):
   assert len(_meta.meta_optimize(quadratic, start(), num_iterations=2, progress=False).history) == 2
 
 
+@pytest.mark.slow
 def test_reseeded_resume_is_bit_identical(tmp_path):
   key = jax.random.key(7)
   full = run(tmp_path / "full", 6, meta_loss=noisy_training_meta_loss, key=key)

@@ -51,7 +51,7 @@ def test_mlp_init_scale():
   chex.assert_trees_all_close(params, jax.tree.map(lambda n: 0.5 * n, noise))
 
 
-@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("x64", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_mlp_forward_and_gradients(x64):
   with jax.enable_x64(x64):
     params = _models.mlp_init(jax.random.key(0), SIZES, scale=0.3)

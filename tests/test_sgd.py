@@ -32,7 +32,7 @@ def _on_grid(x):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.3, 0.9, 0.99, 1.0, "schedule"])
-@pytest.mark.parametrize("num_steps", [1, 17, 1000])
+@pytest.mark.parametrize("num_steps", [1, 17, pytest.param(1000, marks=pytest.mark.slow)])
 def test_round_trip_is_bit_exact(momentum, num_steps):
   if momentum == "schedule":
     momentum = jnp.linspace(0.5, 1.0, num_steps, dtype=jnp.float32)
@@ -156,6 +156,7 @@ def test_traced_momentum_needs_a_static_bound():
   np.testing.assert_allclose(traced, jax.grad(meta)(0.9, "unroll"), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_diverging_training_raises_eagerly_and_is_nan_under_jit():
   diverge = dict(loss_fn=lambda w, h, t: jnp.sum(w["a"] ** 2) + jnp.sum(w["b"] ** 2),
                  learning_rate=50.0, momentum=0.5, num_steps=100)
@@ -179,6 +180,7 @@ def test_diverging_training_raises_eagerly_and_is_nan_under_jit():
   assert np.all(np.isfinite(np.asarray(out.params["a"])))  # unchecked: the clamped values
 
 
+@pytest.mark.slow
 def test_bit_stack_overflow_is_detected_under_jit():
   def run(gamma, checks):
     out = _sgd(momentum=gamma, num_steps=400, learning_rate=0.01,

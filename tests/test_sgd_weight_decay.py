@@ -18,7 +18,8 @@ def loss_fn(w, h, t):
 PARAMS = {"a": jnp.linspace(-1.0, 1.5, 5, dtype=jnp.float32), "b": jnp.full((3,), 0.7)}
 
 
-@pytest.mark.parametrize("weight_decay", [1e-4, 0.5, "schedule"])
+@pytest.mark.parametrize("weight_decay", [pytest.param(1e-4, marks=pytest.mark.slow), 0.5,
+                                          pytest.param("schedule", marks=pytest.mark.slow)])
 def test_round_trip_is_bit_exact_where_both_stacks_spill(weight_decay):
   num_steps = 600
   if weight_decay == "schedule":
@@ -32,6 +33,7 @@ def test_round_trip_is_bit_exact_where_both_stacks_spill(weight_decay):
   np.testing.assert_allclose(rt.stats.bits_stored, rt.stats.information_bound_bits, rtol=0.01)
 
 
+@pytest.mark.slow
 def test_zero_weight_decay_is_todays_run_bit_for_bit():
   kwargs = dict(num_steps=50, learning_rate=0.05, momentum=0.9)
   plain = revhyper.sgd(loss_fn, PARAMS, jnp.float32(0.2), **kwargs)
@@ -41,6 +43,7 @@ def test_zero_weight_decay_is_todays_run_bit_for_bit():
   assert float(tiny.stats.information_bound_bits) > float(plain.stats.information_bound_bits)
 
 
+@pytest.mark.slow
 def test_hypergradients_match_unroll():
   def meta(h, lr, mom, wd, method):
     out = revhyper.sgd(loss_fn, PARAMS, h, num_steps=300, learning_rate=lr, momentum=mom,
@@ -54,6 +57,7 @@ def test_hypergradients_match_unroll():
   np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_trajectory_matches_optax_sgd_with_decoupled_weight_decay():
   # This library's v_{t+1} = gamma v_t - (1 - gamma) g_t, w_{t+1} = w_t - alpha lambda w_t +
   # alpha v_{t+1} is optax's trace (m = g + gamma m) scaled by -alpha (1 - gamma), plus the

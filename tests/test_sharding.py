@@ -36,7 +36,7 @@ FAST_COMPILE = {"model": True, "data": True, "spilling": False, "layout": False}
 
 
 def jobs(folder):
-  """Every mode of sharding_checks.py, each in its own process, and the README's example."""
+  """Every mode of sharding_checks.py, each in its own process, and the documented example."""
   del folder  # these jobs write nothing but their output
   specs = {}
   for mode, devices in CHECKS.items():
@@ -45,17 +45,22 @@ def jobs(folder):
       flags += " --xla_backend_optimization_level=0"
     env = {"XLA_FLAGS": flags, "PYTHONPATH": ROOT}
     specs[mode] = Job([sys.executable, SCRIPT, mode, str(devices)], env=env, timeout=300)
-  specs["readme"] = Job([sys.executable, "-c", readme_scaling_example()], timeout=300, env={
+  specs["example"] = Job([sys.executable, "-c", scaling_example()], timeout=300, env={
       "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
       "PYTHONPATH": ROOT})
   return specs
 
 
-def readme_scaling_example():
-  """The README's scaling example, then a line printing its sharded and one-device results."""
-  readme = pathlib.Path(ROOT, "README.md").read_text()
-  section = readme[readme.index("## Scaling"):]
-  code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
+def scaling_example():
+  """The example of docs/scaling.rst, then a line printing its sharded and one-device results."""
+  page = pathlib.Path(ROOT, "docs", "scaling.rst").read_text()
+  block = page[page.index(".. code-block:: python\n") + len(".. code-block:: python\n"):]
+  lines = []
+  for line in block.splitlines()[1:]:  # after the blank line that opens the block
+    if line and not line.startswith("   "):
+      break
+    lines.append(line[3:])
+  code = "\n".join(lines)
   code += "\nassert len(jax.devices()) == 8\nprint('RESULT', float(hypergrad(1e-3, sharded)), "
   code += "float(hypergrad(1e-3, revhyper.Reversible())))\n"
   return code
@@ -73,6 +78,7 @@ def checks(background_jobs):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "data"])
 def test_sharded_bit_stack_matches_one_stack_bit_for_bit(checks, mode):
   stack = checks[mode]["stack"]
@@ -86,6 +92,7 @@ def test_sharded_bit_stack_matches_one_stack_bit_for_bit(checks, mode):
   assert many == pytest.approx(one, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_model_parallel_round_trip_is_exact_and_stores_the_bound(checks):
   result = checks["model"]
   assert result["round_trip_exact"] and not result["buffer_overflow"]
@@ -93,6 +100,7 @@ def test_model_parallel_round_trip_is_exact_and_stores_the_bound(checks):
   assert result["bits_per_weight_per_step"] == pytest.approx(BOUND_BITS, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["model", "data"])
 def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
   # With the in-pass reversal check: a reverse loop that missed a bit gives NaN here. The
@@ -100,12 +108,14 @@ def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
   assert checks[mode]["hypergradient_error"] <= 1e-6
 
 
+@pytest.mark.slow
 def test_vmap_of_the_sharded_hypergradient_agrees_with_one_device(checks):
   # vmap over learning rates around a jitted, model-parallel hypergradient with the in-pass
   # reversal check: each rate's hypergradient is the one-device run's.
   assert checks["model"]["vmap_hypergradient_error"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_weight_decay"])
 def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, optimizer):
   # Adam's two moments share one stack and AdamW's weight decay has a second: every stack is
@@ -115,6 +125,7 @@ def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, opti
   assert result["hypergradient_error"] <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["sgd_typed", "sgd_given", "adam_given"])
 def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
   # jax.make_mesh's default axes are Explicit: the layout is in the arrays' types. Reversible
@@ -125,11 +136,13 @@ def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
   assert explicit[f"{run}_w1_type"] == "float32[16,64@model]"
 
 
+@pytest.mark.slow
 def test_explicit_axes_round_trip_is_exact(checks):
   explicit = checks["data"]["explicit"]
   assert explicit["round_trip_exact"] and explicit["round_trip_rebuilt"]
 
 
+@pytest.mark.slow
 def test_data_and_model_parallel_round_trip_is_exact(checks):
   assert checks["data"]["data_and_model_round_trip_exact"]
   assert checks["data"]["data_and_model_round_trip_rebuilt"]
@@ -149,6 +162,7 @@ def test_sharded_runs_whose_stacks_spill_agree_with_one_device(checks, case):
   assert result["round_trip_exact"] and result["round_trip_rebuilt"]
 
 
+@pytest.mark.slow
 def test_per_device_memory_falls_as_one_over_devices(checks):
   temp = {int(k): v for k, v in checks["layout"]["temp_bytes"].items()}
   assert checks["layout"]["tail_bytes"] <= temp[1]  # the stack is what the plan holds
@@ -156,6 +170,7 @@ def test_per_device_memory_falls_as_one_over_devices(checks):
     assert per_device == pytest.approx(temp[1] / devices, rel=0.05), (devices, temp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["model", "data"])
 def test_no_collective_touches_the_bit_stack(checks, program):
   # The stack's arrays are uint32 (tail) and uint64 (heads), its pointers int64; the only
@@ -174,6 +189,7 @@ def _problem():
   return loss, params
 
 
+@pytest.mark.slow
 def test_one_device_mesh_gives_the_unsharded_run_bit_for_bit():
   loss, params = _problem()
   mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
@@ -233,8 +249,9 @@ def test_explicitly_laid_out_params_with_an_auto_mesh_raise_a_clear_error():
                  method=revhyper.Reversible(mesh=auto))
 
 
-def test_readme_scaling_example_runs_on_eight_devices(background_jobs):
-  proc = background_jobs.results(jobs)["readme"]
+@pytest.mark.slow
+def test_documented_scaling_example_runs_on_eight_devices(background_jobs):
+  proc = background_jobs.results(jobs)["example"]
   assert proc.returncode == 0, proc.stderr[-4000:]
   sharded, one = map(float, proc.stdout.split("RESULT")[1].split())
   assert sharded == pytest.approx(one, rel=1e-6)

@@ -1,4 +1,4 @@
-"""Learning a per-step momentum schedule under jax.jit, with Reversible(min_momentum=...)."""
+"""Learning a per-step momentum schedule under jax.jit, with Reversible(min_decay=...)."""
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ except ValueError as missing_bound:
   print("without min_momentum:", missing_bound)
 else:
   raise AssertionError("a traced momentum without min_momentum should raise ValueError")
-method = revhyper.Reversible(min_momentum=MIN_MOMENTUM)
+method = revhyper.Reversible(min_decay=MIN_MOMENTUM)
 
 exact = meta_step(logits, method)[1]
 backprop = meta_step(logits, "unroll")[1]  # stores the whole trajectory
