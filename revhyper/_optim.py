@@ -26,7 +26,7 @@ the same functions as the exact step, so that the two cannot disagree.
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
