@@ -5,8 +5,8 @@ import importlib
 import revhyper
 
 CORE = {"AdamResult", "Checkpoint", "ReversalError", "Reversible", "RoundTrip", "SGDResult",
-        "Stats", "Unroll", "adam", "round_trip", "sgd"}
-SUBMODULES = {"datasets", "hyper", "meta", "models"}
+        "Stats", "TrainResult", "Unroll", "adam", "round_trip", "sgd", "train"}
+SUBMODULES = {"datasets", "hyper", "meta", "models", "optim"}
 
 
 def test_top_level_is_the_core_and_its_submodules():

@@ -200,6 +200,7 @@ def test_optax_schedule_function_as_a_coefficient_and_its_gradient():
   assert _relative(out.params, reference) < 1e-5
 
 
+@pytest.mark.slow
 def test_train_under_jit_and_vmap_over_learning_rates():
   def meta(lr):
     out = revhyper.train(loss_fn, PARAMS, jnp.float32(1e-3), optim.adamw(lr, b1=B1, b2=B2),
@@ -216,7 +217,7 @@ def test_train_under_jit_and_vmap_over_learning_rates():
 # --- check_rule -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("opt", [
-    optim.adabelief(0.01, b1=B1, b2=B2),
+    pytest.param(optim.adabelief(0.01, b1=B1, b2=B2), marks=pytest.mark.slow),
     pytest.param(optim.sgd(0.05, momentum=0.9), marks=pytest.mark.slow),
     pytest.param(optim.chain(optim.clip_by_global_norm(0.1), optim.rmsprop(0.01, momentum=0.9)),
                  marks=pytest.mark.slow),

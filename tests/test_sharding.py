@@ -148,6 +148,7 @@ def test_data_and_model_parallel_round_trip_is_exact(checks):
   assert checks["data"]["data_and_model_round_trip_rebuilt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["sgd_model", "sgd_data", "adamw_model"])
 def test_sharded_runs_whose_stacks_spill_agree_with_one_device(checks, case):
   # Compiled at the default optimisation; every lane of every stack spills at least 5 chunks
