@@ -654,20 +654,26 @@ def _bias_correction(amounts):
   return -jnp.expm1(jnp.cumsum(jnp.log1p(-amounts)))
 
 
+class _BiasCorrectedMoments(Rule):
+  """A first moment ``mu`` decaying by ``b1`` and a second ``nu`` by ``b2``, with optax's bias
+  corrections ``1 - prod_{s <= t} b_s``: the states of Adam and AdaBelief."""
+
+  states = (State("mu", "b1", _fixed_point.FIRST_MOMENT_BITS),
+            State("nu", "b2", _fixed_point.SECOND_MOMENT_BITS, nonnegative=True))
+
+  def schedules(self, c):
+    return {"correction1": _bias_correction(c.one_minus_b1),
+            "correction2": _bias_correction(c.one_minus_b2)}
+
+
 @dataclasses.dataclass(frozen=True)
-class Adam(Rule):
+class Adam(_BiasCorrectedMoments):
   """Adam with bias correction (optax's), and AdamW's decoupled weight decay."""
 
   coefficients = (_LR, Coefficient("b1", DECAY), Coefficient("b2", DECAY),
                   Coefficient("eps", NONNEGATIVE), Coefficient("eps_root", NONNEGATIVE),
                   Coefficient("weight_decay"))
-  states = (State("mu", "b1", _fixed_point.FIRST_MOMENT_BITS),
-            State("nu", "b2", _fixed_point.SECOND_MOMENT_BITS, nonnegative=True))
   weight_decay = ("learning_rate", "weight_decay")
-
-  def schedules(self, c):
-    return {"correction1": _bias_correction(c.one_minus_b1),
-            "correction2": _bias_correction(c.one_minus_b2)}
 
   def increment(self, name, c, g, s):
     if name == "mu":
@@ -718,18 +724,12 @@ class RMSProp(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaBelief(Rule):
+class AdaBelief(_BiasCorrectedMoments):
   """optax's AdaBelief: ``mu <- b1 mu + (1 - b1) g``; ``s <- b2 s + (1 - b2)(g - mu)**2 +
   eps_root`` (with the new ``mu``); ``w <- w - lr mu_hat / (sqrt(s_hat) + eps)``."""
 
   coefficients = (_LR, Coefficient("b1", DECAY), Coefficient("b2", DECAY),
                   Coefficient("eps", NONNEGATIVE), Coefficient("eps_root", NONNEGATIVE))
-  states = (State("mu", "b1", _fixed_point.FIRST_MOMENT_BITS),
-            State("nu", "b2", _fixed_point.SECOND_MOMENT_BITS, nonnegative=True))
-
-  def schedules(self, c):
-    return {"correction1": _bias_correction(c.one_minus_b1),
-            "correction2": _bias_correction(c.one_minus_b2)}
 
   def increment(self, name, c, g, s):
     if name == "mu":
