@@ -303,7 +303,8 @@ class Program:
   def weight_increment(self, coefs, slots, g=None, previous=None):
     names = [st.name for st in self.rule.states]
     out = []
-    for leaf in range(len(coefs[-1][next(iter(coefs[-1]))])):
+    # The exact step passes no g, but every rule it runs has a state (see _analyse).
+    for leaf in range(len(slots[0]) if slots else len(g)):
       s = Namespace({n: slots[j][leaf] for j, n in enumerate(names)})
       prev = None if previous is None else Namespace(
           {n: previous[j][leaf] for j, n in enumerate(names)})
@@ -398,6 +399,7 @@ def program(optimizer, weight_decay_on):
   return Program(tuple(transforms), rule, weight_decay_on, reads, reversible, why)
 
 
+@functools.lru_cache(maxsize=256)
 def _derived_names(rule):
   """The names of the rule's derived schedules, found by calling it on abstract schedules."""
   c = {x.name: jax.ShapeDtypeStruct((3,), jnp.float32) for x in rule.coefficients}

@@ -280,8 +280,9 @@ def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_sta
   names = [st.name for st in rule.states]
   opt_state = {} if opt_state is None else opt_state
   if not isinstance(opt_state, dict) or set(opt_state) - set(names):
+    got = sorted(opt_state) if isinstance(opt_state, dict) else opt_state
     raise ValueError(f"opt_state must be a dict with keys among the optimizer's states "
-                     f"{names}, got {opt_state if not isinstance(opt_state, dict) else sorted(opt_state)}.")
+                     f"{names}, got {got}.")
   slots = []
   for st in rule.states:
     state_leaves = flatten_like(opt_state.get(st.name), leaves, treedef, state_label(st.name))
