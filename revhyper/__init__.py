@@ -26,6 +26,7 @@ from revhyper import optim
 from revhyper._adam import AdamResult
 from revhyper._adam import adam
 from revhyper._errors import ReversalError
+from revhyper._model_state import RunningAverage
 from revhyper._sgd import SGDResult
 from revhyper._sgd import sgd
 from revhyper._training import Checkpoint
@@ -45,6 +46,7 @@ __all__ = (
     "ReversalError",
     "Reversible",
     "RoundTrip",
+    "RunningAverage",
     "SGDResult",
     "Stats",
     "TrainResult",

@@ -124,5 +124,5 @@ def adam(loss_fn, params, hparams, *, num_steps, learning_rate, b1=0.9, b2=0.999
   problem = _problem(loss_fn, params, hparams, num_steps=num_steps, precision=method.precision,
                      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                      weight_decay=weight_decay, mu=mu, nu=nu)
-  params_out, (mu_out, nu_out), stats = _training.run(method, problem)
+  params_out, (mu_out, nu_out), _, stats = _training.run(method, problem)
   return AdamResult(params_out, mu_out, nu_out, stats)

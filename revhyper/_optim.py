@@ -246,6 +246,48 @@ def _dependencies(fn, args, names):
   return out
 
 
+def _is_literal(v):
+  return type(v).__name__ == "Literal"
+
+
+def reaching(jaxpr, sources):
+  """The variables of ``jaxpr`` whose values depend on the ``sources`` (some of its variables),
+  by data flow: an equation that reads one makes all its outputs dependent (conservative for
+  control flow)."""
+  reached = set(sources)
+  for eqn in jaxpr.eqns:
+    hits = [not _is_literal(v) and v in reached for v in eqn.invars]
+    if not any(hits):
+      continue
+    inner = _inner_jaxpr(eqn)
+    if inner is None:
+      reached.update(eqn.outvars)
+      continue
+    # A call (jit, checkpoint, custom derivatives): follow the data flow inside it, so that
+    # a model wrapped in one jit keeps its outputs apart.
+    inner_reached = reaching(inner, [v for v, hit in zip(inner.invars, hits) if hit])
+    reached.update(o for o, v in zip(eqn.outvars, inner.outvars)
+                   if not _is_literal(v) and v in inner_reached)
+  return reached
+
+
+def _inner_jaxpr(eqn):
+  """The jaxpr that a call-like equation runs on exactly its inputs and outputs, or None."""
+  for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    inner = eqn.params.get(name)
+    inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's
+    if (inner is not None and hasattr(inner, "eqns") and len(inner.invars) == len(eqn.invars)
+        and len(inner.outvars) == len(eqn.outvars)):
+      return inner
+  return None
+
+
+def reads_any(jaxpr, sources, outputs):
+  """Whether any of the ``outputs`` (variables of ``jaxpr``) depends on the ``sources``."""
+  reached = reaching(jaxpr, sources)
+  return any(not _is_literal(v) and v in reached for v in outputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
   """A chain compiled for the engine: what ``_reversible`` runs and the float methods scan.

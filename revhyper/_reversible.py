@@ -48,10 +48,12 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
+from revhyper import _schedules
 from revhyper import _sharding
 
 
@@ -126,6 +128,17 @@ class Config:
   # _sharding.Shards: the mesh and per-leaf specs the state is laid out by (one bit stack per
   # device, capacity_chunks per device), or None for one device.
   shards: Any = None
+  # RunningLayout: the model state's running averages (see _model_state), or None.
+  running: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningLayout:
+  """Static description of the running averages that the loss's statistics update."""
+
+  layout: Layout  # their leaves' shapes and dtypes
+  fractional_bits: int  # their grid 2**-R
+  in_loss: bool  # loss_fn reads them: loss_fn(w, hparams, t, running) -> (loss, statistics)
 
 
 class State(NamedTuple):
@@ -135,6 +148,8 @@ class State(NamedTuple):
   slots: tuple  # per Slot, int64 arrays likewise, each on its slot's grid.
   stacks: tuple  # BitStacks: the slots' decays (one group per slot and leaf), the weights' if any
   in_range: list  # bool arrays likewise, sticky: False once a value left its exact range.
+  # int64 arrays shaped like the running averages (model state), on their grid; () without.
+  running: tuple = ()
 
 
 class Steps(NamedTuple):
@@ -146,6 +161,15 @@ class Steps(NamedTuple):
   # in _schedules); int32 for D = 16, uint32 for D = 31.
   numerators: tuple
   weight_numerators: Optional[list]  # likewise for the weights' decay, or None
+  running: Any = None  # RunningSteps of the model state's running averages, or None
+
+
+class RunningSteps(NamedTuple):
+  """Per-step coefficients of the running averages, one [T] array per average's leaf."""
+
+  decay: list  # factors 1 - amount, in the leaves' compute dtypes (differentiable)
+  one_minus_decay: list  # the statistics' weights, likewise (differentiable)
+  numerators: list  # uint32: the factors as n / 2**31
 
 
 def _barrier(tree):
@@ -175,13 +199,29 @@ class Gradient(enum.Enum):
   LINEARIZED = "linearized"  # grad and its Hessian-vector product (jvp), between barriers.
 
 
-def _gradient(config, w_leaves, hparams, t, form, tangent=None):
-  """``g_t`` and, for ``LINEARIZED``, the Hessian-vector products with ``tangent``.
+def _loss_and_statistics(config):
+  """The loss as ``f(w_leaves, (hparams, running), t) -> (loss, statistics)``.
 
-  The Hessian-vector products are the tangents of ``(grad_w L, grad_h L)`` along
-  ``(tangent, 0)``: by symmetry of second derivatives they are the cotangents that the vjp of
-  ``g_t`` sends to ``w_t`` and to the float hparams. Forward mode over reverse mode costs
-  about 1.6 gradients here, against 2.6 for recomputing the gradient and then taking the vjp.
+  ``running`` is the running averages' float values where the loss reads them, else ``()``;
+  ``statistics`` is ``[]`` without model state.
+  """
+  def f(w_leaves, inputs, t):
+    hparams, running = inputs
+    if config.running is None:
+      return config.loss_fn(w_leaves, hparams, t), []
+    return config.loss_fn(w_leaves, hparams, t, running)
+  return f
+
+
+def _gradient(config, w_leaves, inputs, t, form, tangent=None):
+  """``g_t``, the step's statistics and, for ``LINEARIZED``, the Hessian-vector products.
+
+  ``inputs`` is ``(hparams, running)`` (see ``_loss_inputs``). The Hessian-vector products are
+  the tangents of ``(grad_w L, grad_h L)`` along ``(tangent, 0)``, ``h`` every float leaf of
+  ``inputs``: by symmetry of second derivatives they are the cotangents that the vjp of
+  ``g_t`` sends to ``w_t``, to the float hparams and to running averages that the loss reads.
+  Forward mode over reverse mode costs about 1.6 gradients here, against 2.6 for recomputing
+  the gradient and then taking the vjp.
 
   ``FENCED`` and ``LINEARIZED`` put ``lax.optimization_barrier`` on the subgraph's inputs and
   all its outputs, so that XLA compiles it identically in the forward and the reverse loop, a
@@ -191,31 +231,90 @@ def _gradient(config, w_leaves, hparams, t, form, tangent=None):
   even where the fence is lowered early, and the two copies stay alike.
 
   Returns:
-    ``(g, (hvp_w, hvp_h))``, the products ``None`` unless ``form`` is ``LINEARIZED``.
+    ``(g, statistics, (hvp_w, hvp_h))``, the products ``None`` unless ``form`` is
+    ``LINEARIZED``.
   """
+  f = _loss_and_statistics(config)
   with jax.enable_x64(config.user_x64):
     if form is Gradient.PLAIN:
-      return jax.grad(config.loss_fn)(w_leaves, hparams, t), None
+      g, statistics = jax.grad(f, has_aux=True)(w_leaves, inputs, t)
+      return g, statistics, None
     # Every input crosses the fence, the step index and the tangent too: otherwise XLA can
     # fuse what produces them (t is i in the forward loop, T - 1 - i in the reverse one; the
     # forward tangent is discarded) into the gradient's kernels, compile or autotune them
     # differently in the two loops, and change the gradient's last bits. On a GPU it did.
     if form is Gradient.FENCED:
-      w_leaves, hparams, t = _barrier((w_leaves, hparams, t))
-      return _barrier(jax.grad(config.loss_fn)(w_leaves, hparams, t)), None
-    w_leaves, hparams, t, tangent = _barrier((w_leaves, hparams, t, tangent))
-    h_floats, merge = _differentiable(hparams)
-    gradients = jax.grad(lambda w, h: config.loss_fn(w, merge(h), t), argnums=(0, 1))
-    (g, _), products = jax.jvp(lambda w: gradients(w, h_floats), (w_leaves,), (tangent,))
-    return _barrier((g, products))
+      w_leaves, inputs, t = _barrier((w_leaves, inputs, t))
+      g, statistics = _barrier(jax.grad(f, has_aux=True)(w_leaves, inputs, t))
+      return g, statistics, None
+    w_leaves, inputs, t, tangent = _barrier((w_leaves, inputs, t, tangent))
+    h_floats, merge = _differentiable(inputs)
+    gradients = jax.grad(lambda w, h: f(w, merge(h), t), argnums=(0, 1), has_aux=True)
+    ((g, _), statistics), (products, _) = jax.jvp(
+        lambda w: gradients(w, h_floats), (w_leaves,), (tangent,))
+    return _barrier((g, statistics, products))
 
 
-def _hessian_vector(config, w_leaves, hparams, t, tangent):
+def _hessian_vector(config, w_leaves, inputs, t, tangent):
   """The Hessian-vector products of ``_gradient``, without its fence (share_gradient=False)."""
+  f = _loss_and_statistics(config)
   with jax.enable_x64(config.user_x64):
-    h_floats, merge = _differentiable(hparams)
-    gradients = jax.grad(lambda w, h: config.loss_fn(w, merge(h), t), argnums=(0, 1))
-    return jax.jvp(lambda w: gradients(w, h_floats), (w_leaves,), (tangent,))[1]
+    h_floats, merge = _differentiable(inputs)
+    gradients = jax.grad(lambda w, h: f(w, merge(h), t), argnums=(0, 1), has_aux=True)
+    return jax.jvp(lambda w: gradients(w, h_floats), (w_leaves,), (tangent,))[1][0]
+
+
+def _statistics(config, w_leaves, inputs, t):
+  """The step's statistics alone, fenced like the gradient: for a loss that reads the running
+  averages, whose reverse pass needs the statistics before it has rebuilt the averages (the
+  statistics do not depend on them; ``_model_state`` checks it)."""
+  f = _loss_and_statistics(config)
+  with jax.enable_x64(config.user_x64):
+    w_leaves, inputs, t = _barrier((w_leaves, inputs, t))
+    return _barrier(f(w_leaves, inputs, t)[1])
+
+
+def _statistics_vjp(config, w_leaves, inputs, t, dstatistics):
+  """The cotangents that the statistics send to ``w_t`` and to the float leaves of inputs."""
+  f = _loss_and_statistics(config)
+  with jax.enable_x64(config.user_x64):
+    h_floats, merge = _differentiable(inputs)
+    _, pullback = jax.vjp(lambda w, h: f(w, merge(h), t)[1], w_leaves, h_floats)
+    return pullback(dstatistics)
+
+
+def _reads_running(config):
+  return config.running is not None and config.running.in_loss
+
+
+def _running_floats(config, running):
+  """The running averages' grid values in their leaves' dtypes, what the loss reads."""
+  return [_fixed_point.to_float(x, dtype, config.running.fractional_bits)
+          for x, dtype in zip(running, config.running.layout.dtypes)]
+
+
+def _running_compute(config, running):
+  """The running averages' grid values in their compute dtypes."""
+  return [_fixed_point.to_float(x, _fixed_point.compute_dtype(dtype),
+                                config.running.fractional_bits)
+          for x, dtype in zip(running, config.running.layout.dtypes)]
+
+
+def _loss_inputs(config, hparams, running):
+  """What the loss reads besides the weights: ``(hparams, running averages or ())``."""
+  return (hparams, _running_floats(config, running) if _reads_running(config) else ())
+
+
+def running_update(decay, one_minus_decay, running, statistics):
+  """The running averages' step in floats: ``decay * r + (1 - decay) * s``, leaf by leaf."""
+  return [d * r + a * s.astype(a.dtype)
+          for d, a, r, s in zip(decay, one_minus_decay, running, statistics)]
+
+
+def _running_increment(config, step, statistics):
+  """``(1 - decay_t) * s_t`` per leaf, fenced: the reverse pass subtracts the same floats."""
+  one_minus, statistics = _barrier((list(step.running.one_minus_decay), statistics))
+  return _barrier([a * s.astype(a.dtype) for a, s in zip(one_minus, statistics)])
 
 
 def _float_leaves(config, x):
@@ -257,43 +356,61 @@ def _unflat(flat, num_slots):
 class Stage(NamedTuple):
   """One bit stack: the rational multiplies of one point of the step, all groups at once.
 
-  A group is one parameter leaf's lanes in one decayed state; ``copies`` groups per leaf.
+  A group is one leaf's lanes in one decayed quantity: ``copies`` groups per parameter leaf
+  for the optimizer's states and the weights, one per leaf of the running averages.
   """
 
-  name: str  # "states" (every state's decay) or "weights" (a decoupled weight decay)
+  name: str  # "states" (every state's decay), "weights" (a decoupled weight decay), "running"
   bits: tuple  # static D of each group: multiplies by n / 2**D
-  copies: int  # groups per parameter leaf
+  copies: int  # groups per leaf
+  shapes: tuple  # each group's shape (a whole leaf's)
 
   @property
   def head_bits(self):
     return _bitstack.head_bits(self.bits[0])
 
 
-def stages(rule, num_leaves):
-  """The bit stacks of a rule's step, in the order of the state's ``stacks``."""
+def stages(rule, shapes, running=None):
+  """The bit stacks of a rule's step (``shapes``: the parameter leaves'; ``running``: the
+  ``RunningLayout`` of the model state, or None), in the order of the state's ``stacks``."""
   out = []
   if rule.slots:
     out.append(Stage("states", tuple(s.denominator_bits for s in rule.slots
-                                     for _ in range(num_leaves)), len(rule.slots)))
+                                     for _ in shapes), len(rule.slots),
+                     tuple(shapes) * len(rule.slots)))
   if rule.weight_decay_bits is not None:
-    out.append(Stage("weights", (rule.weight_decay_bits,) * num_leaves, 1))
+    out.append(Stage("weights", (rule.weight_decay_bits,) * len(shapes), 1, tuple(shapes)))
+  if running is not None:
+    shapes = running.layout.shapes
+    out.append(Stage("running", (_schedules.DECAY_BITS,) * len(shapes), 1, tuple(shapes)))
   return tuple(out)
 
 
 def stage_numerators(stage, steps):
   """The per-group numerator schedules of a stage (``Steps`` or one step of them)."""
-  return _flat(steps.numerators) if stage.name == "states" else list(steps.weight_numerators)
+  if stage.name == "states":
+    return _flat(steps.numerators)
+  if stage.name == "running":
+    return list(steps.running.numerators)
+  return list(steps.weight_numerators)
 
 
 def _stages(config):
-  return stages(config.rule, len(config.layout.shapes))
+  return stages(config.rule, config.layout.shapes, config.running)
+
+
+def stage_shards(shards, stage):
+  """The layout of a stage's groups, or None: a parameter leaf's groups are laid out like the
+  leaf; the running averages (small, read by every device's loss) are replicated."""
+  if shards is None:
+    return None
+  if stage.name == "running":
+    return dataclasses.replace(shards, specs=(PartitionSpec(),) * len(stage.shapes))
+  return dataclasses.replace(shards, specs=shards.specs * stage.copies)
 
 
 def _stage_shards(config, stage):
-  """The layout of a stage's groups: each group is laid out like its parameter leaf."""
-  if config.shards is None:
-    return None
-  return dataclasses.replace(config.shards, specs=config.shards.specs * stage.copies)
+  return stage_shards(config.shards, stage)
 
 
 def _bases(numerators, bits):
@@ -371,16 +488,41 @@ def _discarded_tangent(config, state, form):
                config.layout.dtypes)
 
 
+def _advance_running(config, stacks, running, statistics, step):
+  """``r <- decay(r) + (1 - decay) * s_t`` exactly; returns ``(stacks, running, in_range)``."""
+  if config.running is None:
+    return stacks, running, []
+  stacks, running = _decay(config, _stage(config, "running"), stacks, list(running), step)
+  running, ok = _add(running, _running_increment(config, step, statistics),
+                     config.running.fractional_bits)
+  return stacks, tuple(running), ok
+
+
+def _undo_running(config, state, statistics, step):
+  """Undoes ``_advance_running`` given the recomputed statistics ``s_t``."""
+  running, _ = _add(list(state.running), _running_increment(config, step, statistics),
+                    config.running.fractional_bits, sign=-1)
+  stacks, running = _decay(config, _stage(config, "running"), state.stacks, running, step,
+                           inverse=True)
+  return state._replace(running=tuple(running), stacks=stacks)
+
+
 def _forward_step(config, hparams, form, state, step):
   rule = config.rule
   w_leaves = _float_leaves(config, state.w)
-  g, _ = _gradient(config, w_leaves, hparams, step.t, form,
-                   _discarded_tangent(config, state, form))
+  inputs = _loss_inputs(config, hparams, state.running)
+  g, statistics, _ = _gradient(config, w_leaves, inputs, step.t, form,
+                               _discarded_tangent(config, state, form))
+  if _reads_running(config) and form is not Gradient.PLAIN:
+    # The reverse pass computes them alone, before it has the averages back: so does this one.
+    statistics = _statistics(config, w_leaves, inputs, step.t)
   g = _transformed_gradient(config, step.coefs, state.w, g)
   stacks, slots = _decay(config, _stage(config, "states"), state.stacks, _flat(state.slots),
                          step)
   slots, checks = _add_increments(config, step.coefs, g, _unflat(slots, len(rule.slots)), 1)
   slot_floats = _slot_floats(config, slots)
+  stacks, running, running_ok = _advance_running(config, stacks, state.running, statistics,
+                                                 step)
   w = state.w
   if rule.weight_decay_bits is not None:
     stacks, w = _decay(config, _stage(config, "weights"), stacks, w, step)
@@ -391,7 +533,13 @@ def _forward_step(config, hparams, form, state, step):
   states_ok = [_fixed_point.in_range(x) for x in w_leaves]
   for slot, floats in zip(rule.slots, slot_floats):
     states_ok = _and(states_ok, [_fixed_point.in_range(x, slot.fractional_bits) for x in floats])
-  return State(w, slots, stacks, _and(state.in_range, w_ok, states_ok, *checks))
+  num_leaves = len(state.w)
+  in_range = _and(state.in_range[:num_leaves], w_ok, states_ok, *checks)
+  if config.running is not None:
+    entering = [_fixed_point.in_range(x, config.running.fractional_bits)
+                for x in _running_compute(config, state.running)]
+    in_range += _and(state.in_range[num_leaves:], entering, running_ok)
+  return State(w, slots, stacks, in_range, running)
 
 
 def _undo_weights(config, state, step):
@@ -414,24 +562,44 @@ def _undo_slots(config, state, g, step):
   return state._replace(slots=_unflat(slots, len(config.rule.slots)), stacks=stacks)
 
 
+def _undo_running_first(config, hparams, state, w_leaves, step):
+  """For a loss that reads the running averages: rebuilds ``r_t`` from the statistics at
+  ``w_t``, which do not read them, before ``g_t`` (which does) can be recomputed. Returns the
+  state and the statistics (None otherwise)."""
+  if not _reads_running(config):
+    return state, None
+  statistics = _statistics(config, w_leaves, _loss_inputs(config, hparams, state.running),
+                           step.t)
+  return _undo_running(config, state, statistics, step), statistics
+
+
 def _reverse_step(config, hparams, form, state, step):
   """Undoes ``_forward_step`` exactly."""
   state, _ = _undo_weights(config, state, step)
-  g, _ = _gradient(config, _float_leaves(config, state.w), hparams, step.t, form,
-                   _discarded_tangent(config, state, form))
+  w_leaves = _float_leaves(config, state.w)
+  state, statistics = _undo_running_first(config, hparams, state, w_leaves, step)
+  g, from_gradient, _ = _gradient(config, w_leaves, _loss_inputs(config, hparams, state.running),
+                                  step.t, form, _discarded_tangent(config, state, form))
+  if config.running is not None and statistics is None:
+    state = _undo_running(config, state, from_gradient, step)
   return _undo_slots(config, state, g, step)
 
 
-def _initial_state(config, params, slots):
+def _initial_state(config, params, slots, running):
   w_parts = [_fixed_point.to_fixed(x) for x in params]
   slot_parts = [[_fixed_point.to_fixed(x, slot.fractional_bits) for x in leaves]
                 for leaves, slot in zip(slots, config.rule.slots)]
   in_range = [ok for _, ok in w_parts]
   for parts in slot_parts:
     in_range = _and(in_range, [ok for _, ok in parts])
+  running_ints = ()
+  if config.running is not None:
+    running_parts = [_fixed_point.to_fixed(x, config.running.fractional_bits) for x in running]
+    in_range += [ok for _, ok in running_parts]
+    running_ints = tuple(_sharding.constrain(
+        [x for x, _ in running_parts], _running_shards(config)))
   stacks = tuple(
-      _bitstack.empty(config.layout.shapes * stage.copies, chunks, stage.head_bits,
-                      _stage_shards(config, stage))
+      _bitstack.empty(stage.shapes, chunks, stage.head_bits, _stage_shards(config, stage))
       for stage, chunks in zip(_stages(config), config.capacity_chunks))
   return State(
       w=_sharding.constrain([x for x, _ in w_parts], config.shards),
@@ -439,7 +607,16 @@ def _initial_state(config, params, slots):
                   for parts in slot_parts),
       stacks=stacks,
       in_range=in_range,
+      running=running_ints,
   )
+
+
+def _running_shards(config):
+  """The running averages' layout: replicated on the mesh (None without one)."""
+  if config.shards is None or config.running is None:
+    return None
+  return dataclasses.replace(config.shards,
+                             specs=(PartitionSpec(),) * len(config.running.layout.shapes))
 
 
 class Stats(NamedTuple):
@@ -503,30 +680,33 @@ NON_FINITE = (
     "diverged, e.g. from too large a learning rate.")
 
 
-def _stats(config, state, steps, invalid, params_out, slots_out):
+def _stats(config, state, steps, invalid, params_out, slots_out, running_out):
   # Sharded, a replicated leaf's lanes are held (and count) once per device that holds them.
   sizes = _sharding.held_sizes(config.layout.shapes, config.shards)
   bound = jnp.zeros((), jnp.float64)
   stored = jnp.zeros((), jnp.float64)
+  lanes = 0
   for stage, stack in zip(_stages(config), state.stacks):
-    for size, n, bits in zip(sizes * stage.copies, stage_numerators(stage, steps), stage.bits):
+    group_sizes = _sharding.held_sizes(stage.shapes, _stage_shards(config, stage))
+    lanes += sum(group_sizes)
+    for size, n, bits in zip(group_sizes, stage_numerators(stage, steps), stage.bits):
       # A factor of 1 (n = d) stores exactly nothing, whatever the rounding of a fused log2.
       n = n.astype(jnp.float64)
       bound += size * jnp.sum(jnp.where(n == 2.0**bits, 0.0, bits - jnp.log2(n)))
     stored += _bitstack.stored_bits(stack, stage.head_bits, _stage_shards(config, stage))
   lanes_steps = max(sum(sizes) * config.num_steps, 1)
-  lanes = sum(sizes) * sum(stage.copies for stage in _stages(config))
   capacity = _bitstack.CHUNK_BITS * (sum(st.tail.size for st in state.stacks) + lanes)
   return Stats(
       bits_stored=stored.astype(jnp.float32),
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
-      fixed_point_overflow=jnp.logical_not(_all_equal(state.in_range, [True] * len(state.w))),
+      fixed_point_overflow=jnp.logical_not(
+          _all_equal(state.in_range, [True] * len(state.in_range))),
       buffer_overflow=functools.reduce(jnp.logical_or,
                                        [jnp.any(st.overflow) for st in state.stacks]),
       invalid_hyperparameters=invalid,
-      non_finite=any_non_finite(params_out, slots_out),
+      non_finite=any_non_finite(params_out, slots_out, running_out),
   )
 
 
@@ -608,7 +788,8 @@ def _guard(tree):
 
 
 def _outputs(config, state):
-  """The final weights and slots in the leaves' dtypes, and the state with its range checked."""
+  """The final weights, slots and running averages in the leaves' dtypes, and the state with
+  its range checked."""
   params_out = _float_leaves(config, state.w)
   final_ok = [_fixed_point.in_range(x) for x in params_out]
   slots_out = []
@@ -617,35 +798,43 @@ def _outputs(config, state):
                       for y, dtype in zip(x, config.layout.dtypes)])
     final_ok = _and(final_ok, [_fixed_point.in_range(y, slot.fractional_bits)
                                for y in slots_out[-1]])
-  return params_out, tuple(slots_out), state._replace(in_range=_and(state.in_range, final_ok))
+  num_leaves = len(state.w)
+  in_range = _and(state.in_range[:num_leaves], final_ok)
+  running_out = []
+  if config.running is not None:
+    running_out = _running_floats(config, state.running)
+    in_range += _and(state.in_range[num_leaves:], [
+        _fixed_point.in_range(x, config.running.fractional_bits)
+        for x in _running_compute(config, state.running)])
+  return params_out, tuple(slots_out), running_out, state._replace(in_range=in_range)
 
 
-def _forward(config, params, slots, hparams, steps, invalid, form):
+def _forward(config, params, slots, running, hparams, steps, invalid, form):
   with jax.enable_x64(True):
-    state = _initial_state(config, params, slots)
+    state = _initial_state(config, params, slots, running)
     step_fn = lambda s, x: (_forward_step(config, hparams, form, s, x), None)
     state, _ = jax.lax.scan(step_fn, state, steps)
-    params_out, slots_out, state = _outputs(config, state)
-    stats = _stats(config, state, steps, invalid, params_out, slots_out)
+    params_out, slots_out, running_out, state = _outputs(config, state)
+    stats = _stats(config, state, steps, invalid, params_out, slots_out, running_out)
   failed = check(stats, config.checks, config.min_decay)
-  params_out, slots_out = _errors.poison(failed, (params_out, slots_out))
-  return params_out, slots_out, stats, state, failed
+  outputs = _errors.poison(failed, (params_out, slots_out, running_out))
+  return outputs, stats, state, failed
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run(config, params, slots, hparams, steps, invalid):
+def _run(config, params, slots, running, hparams, steps, invalid):
   # Not differentiated, so never reversed: the cheapest gradient form.
-  params_out, slots_out, stats, _, _ = _forward(
-      config, params, slots, hparams, steps, invalid, Gradient.PLAIN)
-  return params_out, slots_out, stats
+  outputs, stats, _, _ = _forward(
+      config, params, slots, running, hparams, steps, invalid, Gradient.PLAIN)
+  return (*outputs, stats)
 
 
-def _run_fwd(config, params, slots, hparams, steps, invalid):
-  params, slots, hparams, steps = _guard((params, slots, hparams, steps))
-  params_out, slots_out, stats, state, failed = _forward(
-      config, params, slots, hparams, steps, invalid, _reversal_form(config))
-  initial = (params, slots) if config.check_reversal else None
-  return (params_out, slots_out, stats), (state, hparams, steps, initial, failed)
+def _run_fwd(config, params, slots, running, hparams, steps, invalid):
+  params, slots, running, hparams, steps = _guard((params, slots, running, hparams, steps))
+  outputs, stats, state, failed = _forward(
+      config, params, slots, running, hparams, steps, invalid, _reversal_form(config))
+  initial = (params, slots, running) if config.check_reversal else None
+  return (*outputs, stats), (state, hparams, steps, initial, failed)
 
 
 def _zero_cotangent(x):
@@ -662,13 +851,14 @@ def _cast(tree, dtypes):
 class _Backward(NamedTuple):
   """The carry of the backward scan: the state being rebuilt and the cotangents so far."""
 
-  state: State  # (w_{t+1}, s_{t+1}) and the bit stacks, on the way back to (w_0, s_0)
+  state: State  # (w_{t+1}, s_{t+1}, r_{t+1}) and the bit stacks, on the way back to step 0
   dw: list  # cotangent of w_{t+1}, per leaf, compute dtypes
   dslots: tuple  # cotangents of s_{t+1}, per state a list of leaves
   dh: list  # cotangents of the float hparams accumulated over steps t+1 .. T-1
+  drunning: list  # cotangents of the running averages r_{t+1}, compute dtypes ([] without)
 
 
-def _gradient_and_products(config, hparams, carry, w_leaves, slots_next, step):
+def _gradient_and_products(config, inputs, carry, w_leaves, slots_next, step):
   """``g_t`` and its Hessian-vector products with ``dg_t`` for the ``LINEARIZED`` form.
 
   An update linear in ``g_t``, with a Jacobian that reads neither ``g_t`` nor ``s_t``: the
@@ -680,7 +870,7 @@ def _gradient_and_products(config, hparams, carry, w_leaves, slots_next, step):
   _, pullback = jax.vjp(lambda g: config.rule.update(step.coefs, w_compute, slots_next, g),
                         zeros)
   (dg,) = pullback((carry.dw, carry.dslots))
-  return _gradient(config, w_leaves, hparams, step.t, Gradient.LINEARIZED,
+  return _gradient(config, w_leaves, inputs, step.t, Gradient.LINEARIZED,
                    tangent=_cast(dg, config.layout.dtypes))
 
 
@@ -693,22 +883,52 @@ def _backward_step(config, hparams, carry, step):
   # with it g_t, which the slots' increments need.
   state, slots_next = _undo_weights(config, carry.state, step)
   w_leaves = _float_leaves(config, state.w)
+  state, statistics = _undo_running_first(config, hparams, state, w_leaves, step)
+  inputs = _loss_inputs(config, hparams, state.running)
   if form is Gradient.LINEARIZED:
-    g, (hvp_w, hvp_h) = _gradient_and_products(config, hparams, carry, w_leaves, slots_next,
-                                               step)
+    g, from_gradient, (hvp_w, hvp_h) = _gradient_and_products(
+        config, inputs, carry, w_leaves, slots_next, step)
   else:
-    g, _ = _gradient(config, w_leaves, hparams, step.t, form)
+    g, from_gradient, _ = _gradient(config, w_leaves, inputs, step.t, form)
+  if config.running is not None and statistics is None:
+    statistics = from_gradient
+    state = _undo_running(config, state, statistics, step)
   state = _undo_slots(config, state, g, step)
   # The step's own cotangents, at the rebuilt (w_t, s_t, g_t).
   _, pullback = jax.vjp(config.rule.update, step.coefs, _cast(w_leaves, compute_dtypes),
                         _slot_floats(config, state.slots), _cast(g, compute_dtypes))
   dcoefs, dw, dslots, dg = pullback((carry.dw, carry.dslots))
   if form is not Gradient.LINEARIZED:
-    hvp_w, hvp_h = _hessian_vector(config, w_leaves, hparams, step.t,
+    hvp_w, hvp_h = _hessian_vector(config, w_leaves, inputs, step.t,
                                    _cast(dg, config.layout.dtypes))
+  num_h = len(carry.dh)
   dw = [a + b.astype(a.dtype) for a, b in zip(dw, hvp_w)]
-  dh = [a + b.astype(a.dtype) for a, b in zip(carry.dh, hvp_h)]
-  return _Backward(state, dw, dslots, dh), dcoefs
+  dh = [a + b.astype(a.dtype) for a, b in zip(carry.dh, hvp_h[:num_h])]
+  drunning, drunning_coefs = [], None
+  if config.running is not None:
+    dw, dh, drunning, drunning_coefs = _running_cotangents(
+        config, carry, state, inputs, w_leaves, statistics, hvp_h[num_h:], dw, dh, step)
+  return _Backward(state, dw, dslots, dh, drunning), (dcoefs, drunning_coefs)
+
+
+def _running_cotangents(config, carry, state, inputs, w_leaves, statistics, hvp_running, dw,
+                        dh, step):
+  """Pulls the running averages' cotangents back through ``r_{t+1} = decay r_t + (1 - decay)
+  s_t(w_t)`` at the rebuilt ``r_t``: to ``r_t`` (with, when the loss reads them, what the
+  gradient's dependence on them sends), to the coefficients, and through the statistics to
+  ``w_t`` and the hparams."""
+  running = _running_compute(config, state.running)
+  _, pullback = jax.vjp(running_update, list(step.running.decay),
+                        list(step.running.one_minus_decay), running, statistics)
+  ddecay, done_minus, drunning, dstatistics = pullback(carry.drunning)
+  if _reads_running(config):
+    drunning = [a + b.astype(a.dtype) for a, b in zip(drunning, hvp_running)]
+  sw, sh = _statistics_vjp(config, w_leaves, inputs, step.t,
+                           [d.astype(jnp.result_type(s)) for d, s in zip(dstatistics,
+                                                                         statistics)])
+  dw = [a + b.astype(a.dtype) for a, b in zip(dw, sw)]
+  dh = [a + b.astype(a.dtype) for a, b in zip(dh, sh[:len(dh)])]
+  return dw, dh, drunning, (ddecay, done_minus)
 
 
 def _compute_dtypes(config):
@@ -717,7 +937,7 @@ def _compute_dtypes(config):
 
 def _backward_carry(config, state, hparams, cotangents):
   """The carry at step T: the final state, ready to pop, and the output cotangents."""
-  dparams, dslots, _ = cotangents
+  dparams, dslots, drunning, _ = cotangents
   compute_dtypes = _compute_dtypes(config)
   # The cotangents are carried in the compute dtypes, like the state they belong to, and laid
   # out like the weights: a cotangent that is a symbolic zero would otherwise be replicated.
@@ -726,22 +946,33 @@ def _backward_carry(config, state, hparams, cotangents):
       _bitstack.for_popping(st, _stage_shards(config, stage))
       for st, stage in zip(state.stacks, _stages(config))))
   h_floats, _ = _differentiable(hparams)
+  if config.running is not None:
+    drunning = _sharding.constrain(
+        _cast(drunning, [_fixed_point.compute_dtype(d) for d in config.running.layout.dtypes]),
+        _running_shards(config))
   return _Backward(state, lay_out(dparams), tuple(lay_out(x) for x in dslots),
-                   [jnp.zeros_like(x) for x in h_floats])
+                   [jnp.zeros_like(x) for x in h_floats], list(drunning))
 
 
 def _input_cotangents(config, hparams, steps, carry, dcoefs):
   """The cotangents of ``_run``'s inputs from the carry at step 0."""
+  dcoefs, drunning_coefs = dcoefs
   dtypes = config.layout.dtypes
   dh_floats = iter(carry.dh)
   dhparams = jax.tree_util.tree_map(
       lambda x: next(dh_floats) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
       else _zero_cotangent(x), hparams)
   no_tangent = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  drunning_steps = None
+  drunning = []
+  if config.running is not None:
+    drunning_steps = RunningSteps(*drunning_coefs,
+                                  jax.tree_util.tree_map(no_tangent, steps.running.numerators))
+    drunning = _cast(carry.drunning, config.running.layout.dtypes)
   dsteps = Steps(no_tangent(steps.t), dcoefs, jax.tree_util.tree_map(no_tangent, steps.numerators),
-                 jax.tree_util.tree_map(no_tangent, steps.weight_numerators))
-  return (_cast(carry.dw, dtypes), tuple(_cast(x, dtypes) for x in carry.dslots), dhparams,
-          dsteps, np.zeros((), jax.dtypes.float0))
+                 jax.tree_util.tree_map(no_tangent, steps.weight_numerators), drunning_steps)
+  return (_cast(carry.dw, dtypes), tuple(_cast(x, dtypes) for x in carry.dslots), drunning,
+          dhparams, dsteps, np.zeros((), jax.dtypes.float0))
 
 
 def _run_bwd(config, residuals, cotangents):
@@ -766,8 +997,9 @@ def _all_equal(xs, ys):
 
 REVERSAL_CHECK_FAILED = (
     "reversal check failed: the reverse pass did not rebuild the initial weights, optimizer "
-    "states and an empty bit stack bit for bit. A gradient was not recomputed identically (a "
-    "non-deterministic loss_fn or compiler); please report this with your loss_fn.")
+    "states, running averages and an empty bit stack bit for bit. A gradient or a statistic "
+    "was not recomputed identically (a non-deterministic loss_fn or compiler); please report "
+    "this with your loss_fn.")
 
 
 def _check_reconstruction(config, state, initial):
@@ -785,6 +1017,7 @@ def _exact(config, state, reference):
   exact = _all_equal(state.w, reference.w)
   for x, y in zip(state.slots, reference.slots):
     exact &= _all_equal(x, y)
+  exact &= _all_equal(state.running, reference.running)
   return exact & _all_empty(config, state)
 
 
@@ -797,14 +1030,17 @@ def _all_empty(config, state):
 _run.defvjp(_run_fwd, _run_bwd)
 
 
-def run(config, params, slots, hparams, steps, invalid):
-  """Trains exactly; differentiable in params, slots, hparams and the schedules."""
+def run(config, params, slots, running, hparams, steps, invalid):
+  """Trains exactly; differentiable in params, slots, running averages, hparams and the
+  schedules. Returns ``(params, slots, running, stats)`` (``running`` is ``[]`` without model
+  state)."""
   # Laid out as the state will be, outside the custom_vjp: its cotangents come back in this
   # layout (with Explicit mesh axes they must have their primals' types).
   params = _sharding.constrain(params, config.shards)
   slots = tuple(_sharding.constrain(x, config.shards) for x in slots)
+  running = _sharding.constrain(list(running), _running_shards(config))
   try:
-    return _run(config, params, slots, hparams, steps, invalid)
+    return _run(config, params, slots, running, hparams, steps, invalid)
   except TypeError as e:
     # JAX's own message for jvp of a custom_vjp says what, not what to do instead.
     if "custom_vjp" in str(e) and "jvp" in str(e):
@@ -817,9 +1053,10 @@ class Reconstruction(NamedTuple):
   slots: tuple  # the reconstructed initial slots, per slot a list of leaves
   exact: jax.Array  # bool []: integer states equal the initial ones and the stacks are empty
   buffer_empty: jax.Array  # bool []
+  running: list = []  # the reconstructed initial running averages ([] without model state)
 
 
-def train_and_reverse(config, params, slots, hparams, steps, invalid):
+def train_and_reverse(config, params, slots, running, hparams, steps, invalid):
   """Trains forward, then runs the exact reversal with no gradients.
 
   Both loops use the gradient form of the differentiated path, so this checks what
@@ -828,23 +1065,24 @@ def train_and_reverse(config, params, slots, hparams, steps, invalid):
   """
   form = _reversal_form(config)
   unchecked = dataclasses.replace(config, checks=False)
-  params_out, slots_out, stats, state, _ = _forward(
-      unchecked, params, slots, hparams, steps, invalid, form)
+  outputs, stats, state, _ = _forward(
+      unchecked, params, slots, running, hparams, steps, invalid, form)
 
   def body(state, step):
     return _reverse_step(config, hparams, form, state, step), None
 
   with jax.enable_x64(True):
-    initial = _initial_state(config, params, slots)
+    initial = _initial_state(config, params, slots, running)
     state = state._replace(stacks=tuple(
         _bitstack.for_popping(st, _stage_shards(config, stage))
         for st, stage in zip(state.stacks, _stages(config))))
     rebuilt, _ = jax.lax.scan(body, state, steps, reverse=True)
-    rebuilt_params, rebuilt_slots, _ = _outputs(config, rebuilt)
+    rebuilt_params, rebuilt_slots, rebuilt_running, _ = _outputs(config, rebuilt)
     reconstruction = Reconstruction(
         params=rebuilt_params,
         slots=rebuilt_slots,
         exact=_exact(config, rebuilt, initial),
         buffer_empty=_all_empty(config, rebuilt),
+        running=rebuilt_running,
     )
-  return params_out, slots_out, stats, reconstruction
+  return outputs, stats, reconstruction

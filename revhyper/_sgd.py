@@ -119,5 +119,5 @@ def sgd(loss_fn, params, hparams, *, num_steps, learning_rate, momentum, velocit
   problem = _problem(loss_fn, params, hparams, num_steps=num_steps, precision=method.precision,
                      learning_rate=learning_rate, momentum=momentum, velocity=velocity,
                      weight_decay=weight_decay)
-  params_out, (velocity_out,), stats = _training.run(method, problem)
+  params_out, (velocity_out,), _, stats = _training.run(method, problem)
   return SGDResult(params_out, velocity_out, stats)

@@ -25,6 +25,7 @@ import numpy as np
 from revhyper import _bitstack
 from revhyper import _errors
 from revhyper import _fixed_point
+from revhyper import _model_state
 from revhyper import _optim
 from revhyper import _reversible
 from revhyper import _schedules
@@ -178,6 +179,8 @@ class RoundTrip(NamedTuple):
   exact: jax.Array  # bool []: rebuilt integer state equals the initial one, stacks empty
   buffer_empty: jax.Array  # bool []: the bit stack is empty after the reversal
   stats: Stats  # the training run's diagnostics
+  model_state: Any = None  # final running averages (with model_state=RunningAverage(...))
+  initial_model_state: Any = None  # the initial running averages rebuilt likewise
 
 
 def resolve_method(method):
@@ -215,36 +218,88 @@ class _ClosedLoss:
   shapes still does, reading the new values: they are arguments, never baked-in constants.
   """
 
-  jaxpr: Any  # jax.core.Jaxpr: inputs are the consts, then the flattened (w, hparams, t).
+  jaxpr: Any  # jax.core.Jaxpr: inputs are the consts, then the flattened (w, hparams, t[, r]).
   in_tree: Any
   key: str  # the jaxpr's text
+  # With model state, the loss also returns the step's statistics, and reads the running
+  # averages r where it was told to: __call__(w, hparams, t, r) -> (loss, statistics list).
+  with_statistics: bool = False
 
-  def __call__(self, w_leaves, hparams, t):
+  def __call__(self, w_leaves, hparams, t, running=()):
     (h, consts) = hparams
-    args = jax.tree_util.tree_leaves((w_leaves, h, t))
-    return jax.core.eval_jaxpr(self.jaxpr, list(consts), *args)[0]
+    args = jax.tree_util.tree_leaves((w_leaves, h, t, list(running)))
+    out = jax.core.eval_jaxpr(self.jaxpr, list(consts), *args)
+    return (out[0], out[1:]) if self.with_statistics else out[0]
 
   def __eq__(self, other):
     return (isinstance(other, _ClosedLoss) and self.key == other.key
-            and self.in_tree == other.in_tree)
+            and self.in_tree == other.in_tree and self.with_statistics == other.with_statistics)
 
   def __hash__(self):
-    return hash((self.key, self.in_tree))
+    return hash((self.key, self.in_tree, self.with_statistics))
 
 
-def _close_loss(loss_on_leaves, leaves, hparams):
-  """Traces the loss once: its output is checked and its closed-over arrays are hoisted."""
+def _is_float_scalar(aval):
+  return aval.shape == () and jnp.issubdtype(aval.dtype, jnp.floating)
+
+
+def _close_loss(loss_on_leaves, leaves, hparams, running=None):
+  """Traces the loss once: its output is checked and its closed-over arrays are hoisted.
+
+  With ``running`` (a ``_model_state.Running``), the loss returns ``(loss, statistics)`` and,
+  if ``running.in_loss``, reads the running averages as a fourth argument.
+  """
   t0 = jnp.zeros((), jnp.int32)
+  averages = list(running.leaves) if running is not None and running.in_loss else []
+  signature = ("loss_fn(params, hparams, t, running)" if averages
+               else "loss_fn(params, hparams, t)")
+  out_tree = []
+
+  def traced(w_leaves, h, t, r):
+    out = loss_on_leaves(w_leaves, h, t, r)
+    if running is None:
+      return out
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise ValueError(f"with model_state, {signature} must return (loss, statistics), "
+                       f"got {type(out).__name__}.")
+    statistics, tree = jax.tree_util.tree_flatten(out[1])
+    out_tree.append(tree)
+    return (out[0], *statistics)
+
   try:
-    closed = jax.make_jaxpr(loss_on_leaves)(leaves, hparams, t0)
+    closed = jax.make_jaxpr(traced)(leaves, hparams, t0, averages)
   except TypeError as e:
-    raise ValueError(f"loss_fn(params, hparams, t) could not be traced: {e}") from e
+    raise ValueError(f"{signature} could not be traced: {e}") from e
   out = closed.out_avals
-  if not (len(out) == 1 and out[0].shape == () and jnp.issubdtype(out[0].dtype, jnp.floating)):
-    raise ValueError(f"loss_fn(params, hparams, t) must return a float scalar, got {out}.")
-  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0))
-  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr))
+  if running is None:
+    if not (len(out) == 1 and _is_float_scalar(out[0])):
+      hint = (" To carry statistics such as BatchNorm's through training, return (loss, "
+              "statistics) and pass model_state=revhyper.RunningAverage(...)."
+              if len(out) > 1 else "")
+      raise ValueError(f"{signature} must return a float scalar, got {out}.{hint}")
+  else:
+    if not _is_float_scalar(out[0]):
+      raise ValueError(f"the loss that {signature} returns (the first element of (loss, "
+                       f"statistics)) must be a float scalar, got {out[0]}.")
+    _model_state.check_statistics(out_tree[0], out[1:], running)
+    if averages:
+      _check_statistics_ignore_averages(closed, len(averages), signature)
+  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0, averages))
+  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr), running is not None)
   return loss, tuple(closed.consts)
+
+
+def _check_statistics_ignore_averages(closed, num_averages, signature):
+  """Raises unless the statistics are computed without reading the running averages (the last
+  inputs): a step whose average's increment read the average could not be undone."""
+  jaxpr = closed.jaxpr
+  averages = jaxpr.invars[len(jaxpr.invars) - num_averages:]
+  if _optim.reads_any(jaxpr, averages, jaxpr.outvars[1:]):
+    raise ValueError(
+        f"the statistics that {signature} returns depend on the running averages it reads; "
+        "then a step's average cannot be recovered from the next one, so the reversible "
+        "method cannot run it. Compute the statistics from the weights and the batch alone "
+        "(as BatchNorm does in training), or use method=revhyper.Checkpoint() (or 'unroll').")
 
 
 class Problem(NamedTuple):
@@ -259,10 +314,12 @@ class Problem(NamedTuple):
   steps: _reversible.Steps
   invalid: jax.Array  # bool []: a traced hyperparameter is invalid
   present: Any  # slots (tuple of pytrees like params) -> the optimizer's public state
+  running: Any = None  # _model_state.Running: the model state's running averages, or None
 
 
 def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_state=None,
-                      state_label=lambda name: f"opt_state[{name!r}]", precision="highest"):
+                      state_label=lambda name: f"opt_state[{name!r}]", precision="highest",
+                      model_state=None):
   """Validates a run of a ``revhyper.optim`` optimizer into a ``Problem``.
 
   Args:
@@ -270,6 +327,8 @@ def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_sta
       ``params`` (missing names start at 0).
     state_label: how errors name a state's initial value.
     precision: the matrix-product precision the loss is traced under (the method's).
+    model_state: a ``RunningAverage`` (``loss_fn`` then returns ``(loss, statistics)``) or
+      None.
   """
   num_steps = check_num_steps(loss_fn, num_steps)
   if not isinstance(optimizer, _optim.Optimizer):
@@ -293,17 +352,30 @@ def optimizer_problem(loss_fn, params, hparams, optimizer, *, num_steps, opt_sta
           raise ValueError(f"{state_label(st.name)} must be non-negative (a second moment), "
                            f"got {known[known < 0][:5]}.")
     slots.append(state_leaves)
-  closed_loss, hparams = close_loss(loss_fn, leaves, treedef, hparams, precision)
+  running = _model_state.prepare(model_state, num_steps, _checked_leaves,
+                                 _fixed_point.compute_dtype)
+  closed_loss, hparams = close_loss(loss_fn, leaves, treedef, hparams, precision, running)
   prepared = _optim.prepare(optimizer, jax.tree_util.tree_unflatten(treedef, leaves), leaves,
                             num_steps)
   steps = _reversible.Steps(
       t=jnp.arange(num_steps, dtype=jnp.int32),
       coefs=prepared.coefs,
       numerators=prepared.numerators,
-      weight_numerators=prepared.weight_numerators)
+      weight_numerators=prepared.weight_numerators,
+      running=None if running is None else _reversible.RunningSteps(
+          running.decay, running.one_minus_decay, running.numerators))
+  invalid = prepared.invalid if running is None else prepared.invalid | running.invalid
   return Problem(_optim.program(optimizer, prepared.weight_decay_on), closed_loss, treedef,
-                 leaves, tuple(slots), hparams, steps, prepared.invalid,
-                 present=lambda slots: dict(zip(names, slots)))
+                 leaves, tuple(slots), hparams, steps, invalid,
+                 present=lambda slots: dict(zip(names, slots)), running=running)
+
+
+def _checked_leaves(tree, name):
+  """The leaves of a pytree of float arrays, strongly typed, finite where concrete."""
+  _check_float_tree(tree, name)
+  tree = jax.tree_util.tree_map(_strong, tree)
+  _check_finite_tree(tree, name)
+  return jax.tree_util.tree_flatten(tree)
 
 
 def check_num_steps(loss_fn, num_steps):
@@ -340,7 +412,8 @@ def _check_finite_tree(tree, name):
 def initial_values_not_finite(problem):
   """A bool scalar: an initial weight or optimizer state is NaN or inf (traced values; concrete
   ones were rejected by ``flatten_params`` and ``flatten_like``)."""
-  return _reversible.any_non_finite(problem.params, problem.slots)
+  running = [] if problem.running is None else problem.running.leaves
+  return _reversible.any_non_finite(problem.params, problem.slots, running)
 
 
 def flatten_params(params):
@@ -376,17 +449,20 @@ def flatten_like(tree, leaves, treedef, name):
   return [_sharding.like(v, p) for v, p in zip(state_leaves, leaves)]
 
 
-def close_loss(loss_fn, leaves, treedef, hparams, precision="highest"):
+def close_loss(loss_fn, leaves, treedef, hparams, precision="highest", running=None):
   """The loss on parameter leaves, traced once under the matrix-product ``precision``, which
   its products (and their derivatives) then keep; returns ``(_ClosedLoss, (hparams,
-  consts))``."""
+  consts))``. With ``running`` (a ``_model_state.Running``), see ``_close_loss``."""
   hparams = jax.tree_util.tree_map(jnp.asarray, hparams)
 
-  def loss_on_leaves(w_leaves, h, t):
-    return loss_fn(jax.tree_util.tree_unflatten(treedef, w_leaves), h, t)
+  def loss_on_leaves(w_leaves, h, t, r):
+    params = jax.tree_util.tree_unflatten(treedef, w_leaves)
+    if running is not None and running.in_loss:
+      return loss_fn(params, h, t, jax.tree_util.tree_unflatten(running.treedef, r))
+    return loss_fn(params, h, t)
 
   with matmul_precision(precision):
-    closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams)
+    closed_loss, consts = _close_loss(loss_on_leaves, leaves, hparams, running)
   return closed_loss, (hparams, consts)
 
 
@@ -398,12 +474,12 @@ def compute_dtypes(leaves):
 def _capacity_chunks(method, problem, layout, shards=None):
   """Static sizes of the bit stacks' tails (each device's), one per stage, from the numerators
   or ``min_decay``."""
-  sizes = _sharding.local_sizes(layout.shapes, shards)
   capacities = []
-  for stage in _reversible.stages(problem.rule, len(layout.shapes)):
+  for stage in _reversible.stages(problem.rule, layout.shapes, _running_layout(problem)):
     chunks = 0
     numerators = _reversible.stage_numerators(stage, problem.steps)
-    for size, n, bits in zip(sizes * stage.copies, numerators, stage.bits):
+    sizes = _sharding.local_sizes(stage.shapes, _reversible.stage_shards(shards, stage))
+    for size, n, bits in zip(sizes, numerators, stage.bits):
       known = _schedules.concrete_value(n)
       if known is None:
         if method.min_decay is None:
@@ -419,6 +495,16 @@ def _capacity_chunks(method, problem, layout, shards=None):
     # A zero-size tail would make even the skipped gather ill-formed.
     capacities.append(max(chunks, 1))
   return tuple(capacities)
+
+
+def _running_layout(problem):
+  """The engine's static description of the problem's running averages, or None."""
+  running = problem.running
+  if running is None:
+    return None
+  return _reversible.RunningLayout(
+      _reversible.Layout.of(jax.tree_util.tree_unflatten(running.treedef, running.leaves)),
+      running.fractional_bits, running.in_loss)
 
 
 def _shards(method, problem, layout):
@@ -458,6 +544,7 @@ def _reversible_config(method, problem):
       min_decay=method.min_decay if traced else None,
       user_x64=bool(jax.config.jax_enable_x64),
       shards=shards,
+      running=_running_layout(problem),
   )
 
 
@@ -470,35 +557,49 @@ class _FloatConfig:
   dtypes: tuple  # the parameter leaves' dtypes
   method: Any  # Unroll or Checkpoint
   user_x64: bool
+  running: Any = None  # the RunningLayout of the model state, or None
 
 
-def _float_scan(config, params, slots, hparams, steps):
+def _float_scan(config, params, slots, running, hparams, steps):
   """The rule's update in floats, differentiated by JAX (store-all or checkpointed).
 
   The state is carried in each leaf's compute dtype (at least float32), as the reversible
   method carries it on its fine grids; the loss sees the weights in the leaves' own dtypes.
+  The running averages of the model state, if any, likewise.
   """
-  def loss_grad(w, t):
+  cast = lambda leaves, dtypes: [x.astype(d) for x, d in zip(leaves, dtypes)]
+  running_dtypes = () if config.running is None else config.running.layout.dtypes
+
+  def loss_grad(w, r, t):
     with jax.enable_x64(config.user_x64):
-      w_leaves = [x.astype(d) for x, d in zip(w, config.dtypes)]
-      g = jax.grad(config.loss_fn)(w_leaves, hparams, t)
-    return [x.astype(y.dtype) for x, y in zip(g, w)]
+      w_leaves = cast(w, config.dtypes)
+      if config.running is None:
+        g, statistics = jax.grad(config.loss_fn)(w_leaves, hparams, t), []
+      else:
+        reads = cast(r, running_dtypes) if config.running.in_loss else ()
+        g, statistics = jax.grad(config.loss_fn, has_aux=True)(w_leaves, hparams, t, reads)
+    return [x.astype(y.dtype) for x, y in zip(g, w)], statistics
 
   def step(carry, s):
-    w, slots = carry
-    return config.rule.update(s.coefs, w, slots, loss_grad(w, s.t)), None
+    w, slots, r = carry
+    g, statistics = loss_grad(w, r, s.t)
+    w, slots = config.rule.update(s.coefs, w, slots, g)
+    if config.running is not None:
+      r = _reversible.running_update(s.running.decay, s.running.one_minus_decay, r, statistics)
+    return (w, slots, r), None
 
   compute = [_fixed_point.compute_dtype(d) for d in config.dtypes]
-  cast = lambda leaves, dtypes: [x.astype(d) for x, d in zip(leaves, dtypes)]
-  carry = (cast(params, compute), tuple(cast(x, compute) for x in slots))
+  running_compute = [_fixed_point.compute_dtype(d) for d in running_dtypes]
+  carry = (cast(params, compute), tuple(cast(x, compute) for x in slots),
+           cast(running, running_compute))
   num_steps = steps.t.shape[0]
   method = config.method
   if isinstance(method, Unroll):
-    w, slots = jax.lax.scan(step, carry, steps)[0]
+    w, slots, running = jax.lax.scan(step, carry, steps)[0]
   else:
     k = method.segment_length or math.ceil(math.sqrt(num_steps))
     if k == 1:
-      w, slots = jax.lax.scan(jax.checkpoint(step), carry, steps)[0]
+      w, slots, running = jax.lax.scan(jax.checkpoint(step), carry, steps)[0]
     else:
       @jax.checkpoint
       def segment(carry, segment_steps):
@@ -509,25 +610,25 @@ def _float_scan(config, params, slots, hparams, steps):
       carry = jax.lax.scan(segment, carry, head)[0]
       if whole < num_steps:
         carry = segment(carry, jax.tree_util.tree_map(lambda x: x[whole:], steps))[0]
-      w, slots = carry
-  return cast(w, config.dtypes), tuple(cast(x, config.dtypes) for x in slots)
+      w, slots, running = carry
+  return (cast(w, config.dtypes), tuple(cast(x, config.dtypes) for x in slots),
+          cast(running, running_dtypes))
 
 
-def _run_float(config, params, slots, hparams, steps, invalid):
-  params_out, slots_out = _float_scan(config, params, slots, hparams, steps)
+def _run_float(config, params, slots, running, hparams, steps, invalid):
+  outputs = _float_scan(config, params, slots, running, hparams, steps)
   zero = jnp.zeros((), jnp.float32)
   false = jnp.zeros((), jnp.bool_)
   stats = Stats(zero, zero, zero, zero, false, false, invalid,
-                _reversible.any_non_finite(params_out, slots_out))
+                _reversible.any_non_finite(outputs))
   failed = _reversible.check(stats, config.method.checks)
-  params_out, slots_out = _errors.poison(failed, (params_out, slots_out))
-  return params_out, slots_out, stats
+  return (*_errors.poison(failed, outputs), stats)
 
 
-def _run_method(config, params, slots, hparams, steps, invalid):
+def _run_method(config, params, slots, running, hparams, steps, invalid):
   if isinstance(config, _reversible.Config):
-    return _reversible.run(config, params, slots, hparams, steps, invalid)
-  return _run_float(config, params, slots, hparams, steps, invalid)
+    return _reversible.run(config, params, slots, running, hparams, steps, invalid)
+  return _run_float(config, params, slots, running, hparams, steps, invalid)
 
 
 # Eager calls go through one jitted program per static configuration, so that an identical
@@ -564,8 +665,19 @@ def _with_initial_values_checked(problem):
   return problem._replace(invalid=problem.invalid | initial_values_not_finite(problem))
 
 
+def _running_leaves(problem):
+  return [] if problem.running is None else list(problem.running.leaves)
+
+
+def _unflatten_running(problem, leaves):
+  if problem.running is None:
+    return None
+  return jax.tree_util.tree_unflatten(problem.running.treedef, leaves)
+
+
 def run(method, problem):
-  """Runs ``problem`` with ``method``; returns ``(params, slots, stats)`` as pytrees."""
+  """Runs ``problem`` with ``method``; returns ``(params, slots, running, stats)`` as pytrees
+  (``running``, the final running averages of the model state, is None without one)."""
   method = resolve_method(method)
   problem = _with_initial_values_checked(problem)
   if isinstance(method, Reversible):
@@ -574,17 +686,19 @@ def run(method, problem):
   else:
     config = _FloatConfig(problem.loss_fn, problem.rule,
                           tuple(jnp.result_type(x) for x in problem.params), method,
-                          bool(jax.config.jax_enable_x64))
-  args = (problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)
+                          bool(jax.config.jax_enable_x64), _running_layout(problem))
+  args = (problem.params, problem.slots, _running_leaves(problem), problem.hparams,
+          problem.steps, problem.invalid)
   if _at_top_level(args):
-    params_out, slots_out, stats = _run_method_jit(config, *args)
+    params_out, slots_out, running_out, stats = _run_method_jit(config, *args)
     if method.checks:
       _reversible.check(stats, True, getattr(config, "min_decay", None))
   else:
-    params_out, slots_out, stats = _run_method(config, *args)
+    params_out, slots_out, running_out, stats = _run_method(config, *args)
   stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
   unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
-  return unflatten(params_out), tuple(unflatten(x) for x in slots_out), stats
+  return (unflatten(params_out), tuple(unflatten(x) for x in slots_out),
+          _unflatten_running(problem, running_out), stats)
 
 
 # How round_trip builds each optimizer's Problem from its keyword arguments: filled in by the
@@ -639,8 +753,9 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
   _check_reversible(problem)
   problem = _with_initial_values_checked(problem)
   config = _reversible_config(method, problem)
-  params_out, slots_out, stats, rebuilt = _train_and_reverse_jit(
-      config, problem.params, problem.slots, problem.hparams, problem.steps, problem.invalid)
+  (params_out, slots_out, running_out), stats, rebuilt = _train_and_reverse_jit(
+      config, problem.params, problem.slots, _running_leaves(problem), problem.hparams,
+      problem.steps, problem.invalid)
   if method.checks:
     _reversible.check(stats, True, config.min_decay)
   unflatten = lambda leaves: jax.tree_util.tree_unflatten(problem.treedef, leaves)
@@ -653,6 +768,8 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
       exact=rebuilt.exact,
       buffer_empty=rebuilt.buffer_empty,
       stats=stats,
+      model_state=_unflatten_running(problem, running_out),
+      initial_model_state=_unflatten_running(problem, rebuilt.running),
   )
 
 
@@ -662,10 +779,13 @@ class TrainResult(NamedTuple):
   params: Any  # final weights w_T, a pytree like params (differentiable)
   opt_state: dict  # final optimizer states by name, pytrees like params (differentiable)
   stats: Stats  # diagnostics (not differentiable)
+  # The final running averages, a pytree like model_state.initial (differentiable); None
+  # without model_state.
+  model_state: Any = None
 
 
 def train(loss_fn, params, hparams, optimizer, *, num_steps, method="reversible",
-          opt_state=None):
+          opt_state=None, model_state=None):
   r"""Trains with a ``revhyper.optim`` optimizer for ``num_steps`` steps, differentiably.
 
   ``jax.grad`` of anything computed from the result gives gradients with respect to
@@ -686,9 +806,17 @@ def train(loss_fn, params, hparams, optimizer, *, num_steps, method="reversible"
       ``Reversible(...)``, ``Unroll()`` or ``Checkpoint(...)``.
     opt_state: the initial optimizer states, a dict from state names (e.g. ``"mu"``,
       ``"nu"``) to pytrees like ``params``; states not given start at 0.
+    model_state: ``revhyper.RunningAverage(initial, decay)``: state of the model that
+      training carries besides the weights, such as BatchNorm's running means and variances.
+      ``loss_fn`` then returns ``(loss, statistics)``, this step's statistics (a pytree like
+      ``initial``), and every step updates ``running = decay * running + (1 - decay) *
+      statistics``; with ``in_loss=True`` the loss also reads the running averages
+      (``loss_fn(params, hparams, t, running)``). Exact reversal carries them like an
+      optimizer state. See the docs' "Model state" page.
 
   Returns:
-    ``TrainResult(params, opt_state, stats)``.
+    ``TrainResult(params, opt_state, stats, model_state)``: ``model_state`` is the final
+    running averages (None without ``model_state``).
 
   Raises:
     ValueError: bad arguments, naming the argument; an optimizer that cannot run backwards
@@ -711,6 +839,7 @@ def train(loss_fn, params, hparams, optimizer, *, num_steps, method="reversible"
   """
   method = resolve_method(method)
   problem = optimizer_problem(loss_fn, params, hparams, optimizer, num_steps=num_steps,
-                              opt_state=opt_state, precision=method.precision)
-  params_out, slots_out, stats = run(method, problem)
-  return TrainResult(params_out, problem.present(slots_out), stats)
+                              opt_state=opt_state, precision=method.precision,
+                              model_state=model_state)
+  params_out, slots_out, running_out, stats = run(method, problem)
+  return TrainResult(params_out, problem.present(slots_out), stats, running_out)

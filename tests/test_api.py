@@ -5,7 +5,7 @@ import importlib
 import revhyper
 
 CORE = {"AdamResult", "Checkpoint", "ReversalError", "Reversible", "RoundTrip", "SGDResult",
-        "Stats", "TrainResult", "Unroll", "adam", "round_trip", "sgd", "train"}
+        "RunningAverage", "Stats", "TrainResult", "Unroll", "adam", "round_trip", "sgd", "train"}
 SUBMODULES = {"datasets", "hyper", "meta", "models", "optim"}
 
 
