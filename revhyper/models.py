@@ -6,6 +6,9 @@ from revhyper._models import mlp_init
 from revhyper._models import mlp_init_from_noise
 from revhyper._models import mlp_noise
 from revhyper._models import softmax_cross_entropy
+from revhyper._resnet import resnet_apply
+from revhyper._resnet import resnet_batchnorm_init
+from revhyper._resnet import resnet_init
 
 __all__ = (
     "error_rate",
@@ -13,5 +16,8 @@ __all__ = (
     "mlp_init",
     "mlp_init_from_noise",
     "mlp_noise",
+    "resnet_apply",
+    "resnet_batchnorm_init",
+    "resnet_init",
     "softmax_cross_entropy",
 )
