@@ -20,11 +20,10 @@ the averages they update (checked from the loss's data flow), or the step could 
 """
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from revhyper import _schedules
 
@@ -157,15 +156,3 @@ def check_statistics(out_tree, out_avals, running):
     if not jnp.issubdtype(aval.dtype, jnp.floating):
       raise ValueError(f"the statistic statistics{path} that loss_fn returns must be a float "
                        f"array, got dtype {aval.dtype}.")
-
-
-def flags_of(running: Optional[Running]):
-  """The bool scalar of invalid traced decays (False without model state)."""
-  if running is None:
-    return jnp.zeros((), jnp.bool_)
-  return running.invalid
-
-
-def numpy_template(running):
-  """Zeros like the initial averages (for error messages and shapes)."""
-  return [np.zeros(jnp.shape(x)) for x in running.leaves]

@@ -224,6 +224,8 @@ class _ClosedLoss:
   # With model state, the loss also returns the step's statistics, and reads the running
   # averages r where it was told to: __call__(w, hparams, t, r) -> (loss, statistics list).
   with_statistics: bool = False
+  # The statistics read the running averages (then the reversible method cannot run it).
+  statistics_read_running: bool = False
 
   def __call__(self, w_leaves, hparams, t, running=()):
     (h, consts) = hparams
@@ -282,24 +284,15 @@ def _close_loss(loss_on_leaves, leaves, hparams, running=None):
       raise ValueError(f"the loss that {signature} returns (the first element of (loss, "
                        f"statistics)) must be a float scalar, got {out[0]}.")
     _model_state.check_statistics(out_tree[0], out[1:], running)
-    if averages:
-      _check_statistics_ignore_averages(closed, len(averages), signature)
-  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0, averages))
-  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr), running is not None)
-  return loss, tuple(closed.consts)
-
-
-def _check_statistics_ignore_averages(closed, num_averages, signature):
-  """Raises unless the statistics are computed without reading the running averages (the last
-  inputs): a step whose average's increment read the average could not be undone."""
   jaxpr = closed.jaxpr
-  averages = jaxpr.invars[len(jaxpr.invars) - num_averages:]
-  if _optim.reads_any(jaxpr, averages, jaxpr.outvars[1:]):
-    raise ValueError(
-        f"the statistics that {signature} returns depend on the running averages it reads; "
-        "then a step's average cannot be recovered from the next one, so the reversible "
-        "method cannot run it. Compute the statistics from the weights and the batch alone "
-        "(as BatchNorm does in training), or use method=revhyper.Checkpoint() (or 'unroll').")
+  # The running averages are the last inputs: a statistic that reads them would make a step's
+  # average unrecoverable from the next one.
+  read_running = bool(averages) and _optim.reads_any(
+      jaxpr, jaxpr.invars[len(jaxpr.invars) - len(averages):], jaxpr.outvars[1:])
+  in_tree = jax.tree_util.tree_structure((leaves, hparams, t0, averages))
+  loss = _ClosedLoss(closed.jaxpr, in_tree, str(closed.jaxpr), running is not None,
+                     read_running)
+  return loss, tuple(closed.consts)
 
 
 class Problem(NamedTuple):
@@ -652,7 +645,17 @@ def _at_top_level(args):
   return not isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
 
 
+STATISTICS_READ_RUNNING = (
+    "the statistics that loss_fn(params, hparams, t, running) returns depend on the running "
+    "averages it reads; then a step's average cannot be recovered from the next one, so the "
+    "reversible method cannot run it. Compute the statistics from the weights and the batch "
+    "alone (as BatchNorm does in training), or use method=revhyper.Checkpoint() (or 'unroll'), "
+    "which differentiate the same run by storing (part of) its trajectory.")
+
+
 def _check_reversible(problem):
+  if problem.loss_fn.statistics_read_running:
+    raise ValueError(STATISTICS_READ_RUNNING)
   if not problem.rule.reversible:
     raise ValueError(f"{problem.rule.why_not}. Use method=revhyper.Checkpoint() (or "
                      "'unroll'), which differentiate the same run by storing (part of) its "

@@ -172,7 +172,48 @@ def model_parallel(devices):
   out["hypergradient_error"] = relative_error(sharded, reference)
   out["vmap_hypergradient_error"] = vmapped_hypergradient_error(model)
   out["optimizers"] = other_optimizers(model)
+  out["model_state"] = model_state(model)
   return out
+
+
+def normalised_loss(p, l2, t):
+  """The MLP with its hidden layer batch-normalised: returns the batch statistics too."""
+  x, y = batch(t)
+  h = x @ p["w1"]
+  mean, var = jnp.mean(h, axis=0), jnp.var(h, axis=0)
+  h = (h - mean) / jnp.sqrt(var + 1e-5) + p["b1"]
+  out = jnp.tanh(h) @ p["w2"] + p["b2"]
+  return jnp.mean((out - y) ** 2) + l2 * jnp.sum(p["w1"] ** 2), {"mean": mean, "var": var}
+
+
+def model_state(model):
+  """Running averages of batch statistics (per hidden unit, replicated) beside model-parallel
+  weights and AdamW: an exact round trip, and the hypergradient of a loss that reads the final
+  averages, with the in-pass check, against one device."""
+  params = mlp_params()
+  initial = {"mean": jnp.zeros(WIDTH), "var": jnp.ones(WIDTH)}
+  running = revhyper.RunningAverage(initial, decay=0.7)
+  sharded = revhyper.Reversible(mesh=model, param_specs=MODEL_SPECS, check_reversal=True)
+  optimizer = revhyper.optim.adamw(0.01, weight_decay=0.1)
+  trip = revhyper.round_trip(normalised_loss, params, 1e-3, optimizer=optimizer,
+                             num_steps=NUM_STEPS, model_state=running, method=sharded)
+  rebuilt = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(trip.initial_model_state), jax.tree_util.tree_leaves(initial)))
+
+  def meta(h, method):
+    out = revhyper.train(normalised_loss, params, h["l2"],
+                         revhyper.optim.adamw(h["lr"], weight_decay=0.1), num_steps=NUM_STEPS,
+                         model_state=revhyper.RunningAverage(initial, decay=h["decay"]),
+                         method=method)
+    return jnp.sum(out.model_state["mean"] ** 2) + jnp.sum(out.model_state["var"])
+
+  h = {"l2": jnp.float32(1e-3), "lr": jnp.float32(0.01), "decay": jnp.float32(0.7)}
+  one = jax.jit(jax.grad(lambda h: meta(h, revhyper.Reversible(min_decay=0.5))))(h)
+  many = jax.jit(jax.grad(lambda h: meta(h, revhyper.Reversible(
+      mesh=model, param_specs=MODEL_SPECS, min_decay=0.5, check_reversal=True))))(h)
+  return {"round_trip_exact": bool(trip.exact), "round_trip_rebuilt": rebuilt,
+          "bits_over_bound": float(trip.stats.bits_stored / trip.stats.information_bound_bits),
+          "hypergradient_error": relative_error(many, one)}
 
 
 def other_optimizers(model):

@@ -129,6 +129,17 @@ def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, opti
 
 
 @pytest.mark.slow
+def test_running_averages_beside_sharded_weights_reverse_exactly(checks):
+  # BatchNorm-like statistics per hidden unit, replicated on every device with a bit stack of
+  # their own on each: the round trip rebuilds them bit for bit, and the hypergradient through
+  # them (with the in-pass reversal check) is the one-device run's.
+  result = checks["model"]["model_state"]
+  assert result["round_trip_exact"] and result["round_trip_rebuilt"]
+  assert abs(result["bits_over_bound"] - 1) <= 0.01
+  assert result["hypergradient_error"] <= 2e-6
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["sgd_typed", "sgd_given", "adam_given"])
 def test_parameters_on_explicit_axes_work_with_every_method(checks, run):
   # jax.make_mesh's default axes are Explicit: the layout is in the arrays' types. Reversible
