@@ -717,16 +717,19 @@ _train_and_reverse_jit = jax.jit(_reversible.train_and_reverse, static_argnums=0
 def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible", **kwargs):
   """Trains exactly, then runs training backwards without gradients: a check of exactness.
 
-  Takes the arguments of ``sgd`` (or, with ``optimizer="adam"``, those of ``adam``). Use it to
-  verify on your own problem that the reverse pass rebuilds the initial state bit for bit
-  (``result.exact``), e.g. after changing ``loss_fn``. Identical calls reuse one compiled
-  program. A run that fails (see ``sgd``) raises ``ReversalError`` unless the method has
-  ``checks=False``.
+  Takes the arguments of ``sgd`` (or, with ``optimizer="adam"``, those of ``adam``; or, with
+  a ``revhyper.optim`` optimizer, those of ``train``: ``num_steps``, ``opt_state``,
+  ``model_state``). Use it to verify on your own problem that the reverse pass rebuilds the
+  initial state bit for bit (``result.exact``), e.g. after changing ``loss_fn``. Identical
+  calls reuse one compiled program. A run that fails (see ``sgd``) raises ``ReversalError``
+  unless the method has ``checks=False``.
 
   Returns:
     ``RoundTrip``: final state, the rebuilt initial state (``velocity`` and
-    ``initial_velocity`` hold the optimizer's state: sgd's velocity, adam's ``(mu, nu)``),
-    ``exact`` (a bool scalar array: integer weights and optimizer states equal the initial
+    ``initial_velocity`` hold the optimizer's state: sgd's velocity, adam's ``(mu, nu)``, a
+    ``revhyper.optim`` optimizer's states by name; ``model_state`` and
+    ``initial_model_state`` the running averages, with ``model_state``), ``exact`` (a bool
+    scalar array: integer weights, optimizer states and running averages equal the initial
     ones and the bit stacks are empty) and the forward ``Stats``.
 
   Raises:
