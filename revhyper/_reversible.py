@@ -267,7 +267,7 @@ def _hessian_vector(config, w_leaves, inputs, t, tangent):
 def _statistics(config, w_leaves, inputs, t):
   """The step's statistics alone, fenced like the gradient: for a loss that reads the running
   averages, whose reverse pass needs the statistics before it has rebuilt the averages (the
-  statistics do not depend on them; ``_model_state`` checks it)."""
+  statistics do not depend on them, which ``_training`` checks from the loss's data flow)."""
   f = _loss_and_statistics(config)
   with jax.enable_x64(config.user_x64):
     w_leaves, inputs, t = _barrier((w_leaves, inputs, t))
