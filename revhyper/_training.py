@@ -751,6 +751,10 @@ def round_trip(loss_fn, params, hparams, *, optimizer="sgd", method="reversible"
     problem = optimizer_problem(loss_fn, params, hparams, optimizer,
                                 precision=method.precision, **kwargs)
   elif isinstance(optimizer, str) and optimizer in OPTIMIZERS:
+    if kwargs.get("model_state") is not None:
+      raise ValueError(f"model_state needs a revhyper.optim optimizer (e.g. optimizer="
+                       f"revhyper.optim.heavy_ball(...)), not optimizer={optimizer!r}.")
+    kwargs.pop("model_state", None)
     problem = OPTIMIZERS[optimizer](loss_fn, params, hparams, precision=method.precision,
                                     **kwargs)
   else:

@@ -304,6 +304,12 @@ def test_model_state_needs_a_loss_that_returns_statistics():
     train(loss_fn, running())
 
 
+def test_round_trip_with_model_state_needs_an_optimizer_object():
+  with pytest.raises(ValueError, match="model_state needs a revhyper.optim optimizer"):
+    revhyper.round_trip(make_loss(), cast(PARAMS, jnp.float32), 0.01, num_steps=3,
+                        learning_rate=0.1, momentum=0.9, model_state=running())
+
+
 def test_model_state_must_be_a_running_average():
   with pytest.raises(ValueError, match="model_state must be a revhyper.RunningAverage"):
     train(make_loss(), cast(INITIAL, jnp.float32))
