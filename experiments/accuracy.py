@@ -56,7 +56,9 @@ _SIZES = flags.DEFINE_multi_string(
     "Default 784,50,10 784,256,256,10 784,512,512,512,10 (--quick: 784,16,10).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training length T; default 100 (--device: 1000, "
                               "--quick: 10).")
-_OPTIMIZERS = flags.DEFINE_list("optimizers", ["sgd", "adam"], "Optimizers: sgd, adam.")
+_OPTIMIZERS = flags.DEFINE_list("optimizers", ["sgd", "adam"],
+                                 "Optimizers: sgd, adam, rmsprop (momentum 0.9, decay 0.9).")
+_RMSPROP_EPS = flags.DEFINE_float("rmsprop_eps", 1e-8, "RMSProp's eps.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["default", "highest"],
                                 "Matrix-product precisions of the float32 methods.")
 _METHODS = flags.DEFINE_list("methods", ["reversible", "checkpoint", "unroll"],
@@ -88,6 +90,7 @@ def config_from_flags():
       "sizes": [[int(width) for width in entry.split(",")] for entry in sizes],
       "steps": steps,
       "optimizers": list(_OPTIMIZERS.value),
+      "rmsprop_eps": _RMSPROP_EPS.value,
       "precisions": list(_PRECISIONS.value),
       "methods": list(_METHODS.value),
       "batch_size": _BATCH.value or (50 if quick else 200),
@@ -171,6 +174,13 @@ class Problem:
                           learning_rate=jax.tree.map(lambda r: r * cfg["adam_learning_rate"],
                                                      relative),
                           eps_root=cfg["eps_root"], method=method)
+    elif optimizer == "rmsprop":
+      # momentum 0.9 (reversible), at Adam's rates; eps --rmsprop_eps (optax's 1e-8 makes long
+      # runs' hypergradients chaotic for every float32 method: docs/optimizers.rst).
+      learning_rate = jax.tree.map(lambda r: r * cfg["adam_learning_rate"], relative)
+      out = revhyper.train(self.train_loss, params, hparams["log_l2"], revhyper.optim.rmsprop(
+          learning_rate, decay=0.9, eps=cfg["rmsprop_eps"], momentum=0.9),
+                           num_steps=cfg["steps"], method=method)
     else:
       raise ValueError(f"unknown optimizer {optimizer!r}")
     # The validation loss at full precision, so that only training's products differ.

@@ -6,7 +6,9 @@ bundled MNIST digits, runs training backwards with ``revhyper.round_trip`` for e
 form (``Reversible(share_gradient=True)``, the default, and ``False``) and reports whether the
 rebuilt initial state is exact, then computes the hypergradient of a short run with
 ``check_reversal=True`` (the backward pass itself must rebuild the initial state bit for bit)
-and compares it with plain backprop (``method="unroll"``).
+and compares it with plain backprop (``method="unroll"``). The same checks run for model state:
+the network with its first layer batch-normalised, AdamW, and the batch statistics' running
+averages (``revhyper.RunningAverage``).
 
 Whether a form is exact depends on how XLA compiles it, so ``--xla_flag_sets`` (repeatable)
 reruns the checks under each set of XLA flags, each in a fresh process, and prints one verdict
@@ -65,7 +67,46 @@ def make_problem(sizes, batch):
     nll = revhyper.models.softmax_cross_entropy(revhyper.models.mlp_apply(w, x[idx]), y[idx])
     return nll + l2 * sum(jnp.sum(layer["W"] ** 2) for layer in w)
 
-  return params, loss_fn
+  def normalised_loss(w, l2, t):
+    # The first hidden layer batch-normalised, BatchNorm-style: its statistics are returned
+    # for revhyper.RunningAverage.
+    idx = revhyper.datasets.batch_indices(key, t, x.shape[0], batch)
+    h = x[idx] @ w[0]["W"]
+    mean, var = jnp.mean(h, axis=0), jnp.var(h, axis=0)
+    h = jnp.tanh((h - mean) / jnp.sqrt(var + 1e-5) + w[0]["b"])
+    logits = revhyper.models.mlp_apply(w[1:], h)
+    nll = revhyper.models.softmax_cross_entropy(logits, y[idx])
+    return nll + l2 * sum(jnp.sum(layer["W"] ** 2) for layer in w), {"mean": mean, "var": var}
+
+  return params, loss_fn, normalised_loss
+
+
+def model_state_check(params, normalised_loss, steps, grad_steps):
+  """Running averages of batch statistics with AdamW: round trips, and the gradient path with
+  ``check_reversal`` against unroll, through a loss that reads the final averages."""
+  width = params[0]["W"].shape[1]
+  initial = {"mean": jnp.zeros(width), "var": jnp.ones(width)}
+  optimizer = revhyper.optim.adamw(1e-3, weight_decay=1e-2)
+  state = revhyper.RunningAverage(initial, decay=0.9)
+  out = {"round_trips": []}
+  for num_steps in steps:
+    rt = jax.jit(lambda p, n=num_steps: revhyper.round_trip(
+        normalised_loss, p, 1e-4, optimizer=optimizer, num_steps=n, model_state=state))(params)
+    out["round_trips"].append(dict(num_steps=num_steps, exact=bool(rt.exact)))
+
+  def meta(l2, method):
+    trained = revhyper.train(normalised_loss, params, l2, optimizer, num_steps=grad_steps,
+                             model_state=state, method=method)
+    return (jnp.sum(trained.model_state["mean"] ** 2) + jnp.sum(trained.model_state["var"])
+            + sum(jnp.sum(layer["W"] ** 2) for layer in trained.params))
+
+  grad = jax.jit(jax.grad(meta), static_argnums=1)
+  reference = float(grad(jnp.float32(1e-4), "unroll"))
+  value = float(grad(jnp.float32(1e-4), revhyper.Reversible(check_reversal=True)))
+  out["hypergradient"] = gradient_path_verdict("reversible", value, reference)
+  out["all_exact"] = (all(r["exact"] for r in out["round_trips"])
+                      and out["hypergradient"]["reversible_exact"])
+  return out
 
 
 def gradient_path_verdict(name, value, reference):
@@ -82,7 +123,7 @@ def gradient_path_verdict(name, value, reference):
 
 def check(sizes, steps, grad_steps):
   """Round trips and gradient paths for both gradient forms; returns the report."""
-  params, loss_fn = make_problem(sizes, _BATCH.value)
+  params, loss_fn, normalised_loss = make_problem(sizes, _BATCH.value)
   num_weights = sum(x.size for x in jax.tree_util.tree_leaves(params))
   l2 = jnp.float32(1e-4)
   lr = float(np.exp(_LOG_LR.value))
@@ -126,8 +167,11 @@ def check(sizes, steps, grad_steps):
     if not report["hypergradient"][name + "_exact"]:
       logging.error("%s: the backward pass did not rebuild the initial state (NaN)", name)
   print(report["hypergradient"], flush=True)
+  report["model_state"] = model_state_check(params, normalised_loss, steps, grad_steps)
+  print("model state:", report["model_state"], flush=True)
   report["all_exact"] = all(r["exact"] for r in report["round_trips"]) and all(
-      v for k, v in report["hypergradient"].items() if k.endswith("_exact"))
+      v for k, v in report["hypergradient"].items() if k.endswith("_exact")) and (
+          report["model_state"]["all_exact"])
   return report
 
 
@@ -172,6 +216,8 @@ def summary(runs):
       grad = run["hypergradient"][f"reversible_{name}_exact"]
       forms.append(f"{name}: round trips {'exact' if trips else 'NOT exact'}, gradient path "
                    f"{'exact' if grad else 'NOT exact'}")
+    state = run.get("model_state", {}).get("all_exact")
+    forms.append(f"running averages (AdamW): {'exact' if state else 'NOT exact'}")
     lines.append(f"{run['added_xla_flags'] or '(none added)'}: " + "; ".join(forms))
   return lines
 

@@ -13,7 +13,8 @@
 # a failing or timed-out step is recorded and the next one runs:
 #
 #   exactness   check_exactness.py: round trips at T = 1000 and the check_reversal
-#               hypergradient at T = 100, both gradient forms, 784-512-512-512-10
+#               hypergradient at T = 100, both gradient forms, 784-512-512-512-10; the same
+#               for batch statistics' running averages (model state) with AdamW
 #   accuracy    accuracy.py --device: float32 hypergradients of every method at "default"
 #               (TF32) and "highest" precision against float64, SGD and Adam, T = 1000
 #   benchmark   benchmark.py --device at T = 1000: time and memory of SGD's and Adam's methods
@@ -89,9 +90,9 @@ else
   sharded=(--device)
 fi
 
-run_step exactness 90 "$PYTHON" experiments/check_exactness.py "${exactness[@]}" \
+run_step exactness 120 "$PYTHON" experiments/check_exactness.py "${exactness[@]}" \
   --out_dir="$OUT_DIR/exactness"
-run_step accuracy 150 "$PYTHON" experiments/accuracy.py "${accuracy[@]}" \
+run_step accuracy 135 "$PYTHON" experiments/accuracy.py "${accuracy[@]}" \
   --out_dir="$OUT_DIR/accuracy"
 run_step benchmark 120 "$PYTHON" experiments/benchmark.py --device "${benchmark[@]}" \
   --methods=unroll,checkpoint_sqrt,reversible,adam_unroll,adam_reversible \
