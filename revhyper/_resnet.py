@@ -73,30 +73,42 @@ def resnet_init(key: jax.Array, channels: Sequence[int] = (8, 16), blocks_per_st
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-  keys = iter(jax.random.split(key, 3 * len(channels) * blocks_per_stage + 2))
-
-  def conv(k, size, c_in, c_out):
-    std = math.sqrt(2.0 / (size * size * c_in))
-    return jnp.asarray(std, dtype) * jax.random.normal(k, (size, size, c_in, c_out), dtype)
+  # The random leaves' shapes and standard deviations, in a fixed order.
+  shapes, stds = [(3, 3, in_channels, channels[0])], [math.sqrt(2.0 / (9 * in_channels))]
+  width = channels[0]
+  for stage, c in enumerate(channels):
+    for b in range(blocks_per_stage):
+      shapes += [(3, 3, width, c), (3, 3, c, c)]
+      stds += [math.sqrt(2.0 / (9 * width)), math.sqrt(2.0 / (9 * c))]
+      if stage > 0 and b == 0:
+        shapes.append((1, 1, width, c))
+        stds.append(math.sqrt(2.0 / width))
+      width = c
+  shapes.append((width, num_classes))
+  stds.append(1.0 / math.sqrt(width))
+  # One draw for all leaves, cut into pieces: one random-number kernel to compile instead of
+  # one per leaf shape (as _models.mlp_noise does).
+  flat = jax.random.normal(key, (sum(math.prod(s) for s in shapes),), dtype)
+  draws, start = [], 0
+  for shape, std in zip(shapes, stds):
+    size = math.prod(shape)
+    draws.append(jnp.asarray(std, dtype) * flat[start:start + size].reshape(shape))
+    start += size
+  draws = iter(draws)
 
   def bn(c):
     return {"scale": jnp.ones((c,), dtype), "offset": jnp.zeros((c,), dtype)}
 
-  params = {"stem": {"conv": conv(next(keys), 3, in_channels, channels[0]),
-                     "bn": bn(channels[0])}}
-  width, number = channels[0], 1
+  params = {"stem": {"conv": next(draws), "bn": bn(channels[0])}}
+  number = 1
   for stage, c in enumerate(channels):
     for b in range(blocks_per_stage):
-      block = {"conv1": conv(next(keys), 3, width, c), "bn1": bn(c),
-               "conv2": conv(next(keys), 3, c, c), "bn2": bn(c)}
-      proj_key = next(keys)
+      block = {"conv1": next(draws), "bn1": bn(c), "conv2": next(draws), "bn2": bn(c)}
       if stage > 0 and b == 0:
-        block["proj"] = conv(proj_key, 1, width, c)
+        block["proj"] = next(draws)
       params[f"block{number}"] = block
-      width, number = c, number + 1
-  w = jax.random.normal(next(keys), (width, num_classes), dtype)
-  params["head"] = {"W": jnp.asarray(1.0 / math.sqrt(width), dtype) * w,
-                    "b": jnp.zeros((num_classes,), dtype)}
+      number += 1
+  params["head"] = {"W": next(draws), "b": jnp.zeros((num_classes,), dtype)}
   return params
 
 
@@ -152,10 +164,10 @@ def resnet_apply(params: Params, x: jax.Array, running: Optional[Running] = None
     >>> logits.shape, stats["block2"]["bn1"]["mean"].shape
     ((2, 10), (8,))
   """
-  dtype = params["head"]["W"].dtype
-  h = _images(x, params["stem"]["conv"].shape[2]).astype(dtype)
   if not train and running is None:
     raise ValueError("resnet_apply needs running statistics in evaluation mode (train=False)")
+  dtype = params["head"]["W"].dtype
+  h = _images(x, params["stem"]["conv"].shape[2]).astype(dtype)
   stats = {}
 
   def norm(h, layer, name):
