@@ -29,7 +29,7 @@ from absl import flags
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 LAUNCHERS = ("schedules", "seed_averaged", "adam_schedules", "toy_valley", "l2_per_weight",
-             "learn_data", "multitask", "chaos", "hpo_benchmark")
+             "learn_data", "multitask", "chaos", "hpo_benchmark", "batchnorm_schedules")
 
 _LAUNCHERS = flags.DEFINE_list("launchers", list(LAUNCHERS), "The launchers to run.")
 _OUT = flags.DEFINE_string("out", None, "Optional path of a JSON file for the results.")
