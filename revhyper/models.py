@@ -9,9 +9,13 @@ from revhyper._models import softmax_cross_entropy
 from revhyper._resnet import resnet_apply
 from revhyper._resnet import resnet_batchnorm_init
 from revhyper._resnet import resnet_init
+from revhyper._transformer import image_patches
+from revhyper._transformer import transformer_apply
+from revhyper._transformer import transformer_init
 
 __all__ = (
     "error_rate",
+    "image_patches",
     "mlp_apply",
     "mlp_init",
     "mlp_init_from_noise",
@@ -20,4 +24,6 @@ __all__ = (
     "resnet_batchnorm_init",
     "resnet_init",
     "softmax_cross_entropy",
+    "transformer_apply",
+    "transformer_init",
 )
