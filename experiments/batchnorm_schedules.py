@@ -48,7 +48,7 @@ contender with their mean and sd, the grid's validation errors, wall time) and t
 
 Run from the repository root::
 
-  python experiments/batchnorm_schedules.py --out_dir results/batchnorm_schedules  # ~20 min
+  python experiments/batchnorm_schedules.py --out_dir results/batchnorm_schedules  # ~24 min
   python experiments/batchnorm_schedules.py \
       --config=experiments/configs/batchnorm_schedules.py:quick \
       --out_dir /tmp/batchnorm_schedules_quick                 # under 40 CPU-seconds
