@@ -193,3 +193,123 @@ def test_fine_denominator_schedule_fills_at_most_its_proven_capacity():
   with jax.enable_x64(True):
     assert not bool(pushed.overflow) and int(pushed.ptr) <= v.size * per_lane
     chex.assert_trees_all_equal(back, jnp.asarray(v))
+
+
+# --- the divisions, against plain integer division ----------------------------------------------
+
+_BASES = [1, 2, 3, 255, 256, 2**16 - 1, 2**16, 58982, 2**31 - 1, 2**31, 2**32 - 1]
+
+
+def test_divmod_small_quotient_matches_integer_division():
+  rng = np.random.default_rng(0)
+  s, base = [], []
+  for b in _BASES:  # quotients at and next to the bound 2**50, remainders 0, 1 and base - 1
+    for q in [0, 1, 2, 2**16, 2**40 - 1, 2**48 - 1, 2**48, 2**50 - 1]:
+      for r in {0, 1 % b, b - 1}:
+        if q * b + r < 2**64:
+          s.append(q * b + r)
+          base.append(b)
+    # s just below 2**64, where the quotient bound allows it.
+    if 2**64 // b < 2**50:
+      s += [2**64 - 1, 2**64 - b, 2**64 - b - 1]
+      base += [b] * 3
+  # Random: uniform quotients below 2**50 (or 2**64 / base) and random remainders.
+  b = rng.choice(_BASES + list(rng.integers(1, 2**32, 50)), 20000).astype(np.uint64)
+  q = np.minimum(rng.integers(0, 2**50, 20000, dtype=np.uint64) >> rng.integers(0, 50, 20000)
+                 .astype(np.uint64), (np.uint64(2**64 - 1) - b) // b)
+  remainders = rng.integers(0, 2**32, 20000, dtype=np.uint64) % b
+  s = np.concatenate([np.asarray(s, np.uint64), q * b + remainders])
+  base = np.concatenate([np.asarray(base, np.uint64), b])
+  with jax.enable_x64(True):
+    quotient, remainder = jax.jit(_bitstack.divmod_small_quotient)(jnp.asarray(s),
+                                                                   jnp.asarray(base))
+    plain = jax.jit(lambda s, b: (s // b, s % b))(jnp.asarray(s), jnp.asarray(base))
+    # One base for the whole array (a scalar numerator), as the momentum uses it.
+    for b in _BASES:
+      lanes = jnp.asarray(s[base == b])
+      chex.assert_trees_all_equal(
+          jax.jit(_bitstack.divmod_small_quotient)(lanes, jnp.uint64(b)),
+          (lanes // jnp.uint64(b), lanes % jnp.uint64(b)))
+  np.testing.assert_array_equal(np.asarray(quotient), s // base)
+  np.testing.assert_array_equal(np.asarray(remainder), s % base)
+  chex.assert_trees_all_equal((quotient, remainder), plain)
+
+
+def test_floor_divmod_matches_numpy_at_the_int64_extremes():
+  rng = np.random.default_rng(1)
+  x = [0, 1, -1, 2**62, -2**62, 2**61, -2**61, 2**63 - 1, -2**63, -2**63 + 1, 2**32, -2**32]
+  x = np.asarray(x, np.int64)
+  x = np.concatenate([x, x + 1, x - 1, rng.integers(-2**63, 2**63 - 1, 5000, dtype=np.int64)])
+  n = np.asarray(_BASES, np.int64)
+  xs, ns = np.repeat(x, n.size), np.tile(n, x.size)
+  with jax.enable_x64(True):
+    q, r = jax.jit(_bitstack.floor_divmod)(jnp.asarray(xs), jnp.asarray(ns))
+    for b in _BASES:  # a scalar divisor, as in the reverse pass
+      qb, rb = jax.jit(_bitstack.floor_divmod)(jnp.asarray(x), jnp.int64(b))
+      np.testing.assert_array_equal(np.asarray(qb), np.floor_divide(x, b))
+      np.testing.assert_array_equal(np.asarray(rb), np.mod(x, b))
+  np.testing.assert_array_equal(np.asarray(q), np.floor_divide(xs, ns))
+  np.testing.assert_array_equal(np.asarray(r), np.mod(xs, ns))
+
+
+def _reference_multiply(heads, tail, values, numerators, denominator_bits):
+  """``multiply``'s defining formulas in numpy, with integer division: the lanes' new heads,
+  the tail (a list of chunks, the spilled lanes' in lane order) and the values."""
+  k = _bitstack.head_bits(denominator_bits)
+  heads, out, parts = [h.copy() for h in heads], [], []
+  for v, n in zip(values, numerators):
+    n = np.uint64(n)
+    remainder = (v & (2**denominator_bits - 1)).astype(np.uint64)
+    if denominator_bits == k:
+      parts.append((v >> denominator_bits, remainder, np.uint64(0), n))
+    else:
+      shift, up = denominator_bits - k, np.uint64(2**(denominator_bits - k) - 1)
+      r_hi = remainder >> np.uint64(k)
+      start = (r_hi * n + up) >> np.uint64(shift)
+      base = (((r_hi + np.uint64(1)) * n + up) >> np.uint64(shift)) - start
+      parts.append((v >> denominator_bits, remainder & np.uint64(2**k - 1), start, base))
+  for head, (_, _, _, base) in zip(heads, parts):
+    spill = head >= (base << np.uint64(32))
+    tail += list((head[spill] & np.uint64(2**32 - 1)).astype(np.uint32))
+    head[spill] >>= np.uint64(32)
+  for i, (head, (quotient, low, start, base), n) in enumerate(zip(heads, parts, numerators)):
+    s = (head << np.uint64(k)) + low
+    heads[i] = s // base
+    x = s - heads[i] * base + start
+    out.append(quotient * np.int64(n) + x.astype(np.int64))
+  return heads, tail, out
+
+
+@pytest.mark.parametrize("denominator_bits,numerators", [
+    (16, [1, 2, 3, 58982, D - 1, D]), (16, [40000] * 6), (31, [2**23, 2**30 + 1, 2**31 - 1,
+                                                               2**31, 2147482000, 2**23 + 7])])
+def test_multiply_matches_the_integer_division_formulas(denominator_bits, numerators):
+  """Several steps over lanes of every sign and size, with spills: the same heads, tail and
+  values as the defining formulas computed with integer division."""
+  v = _signed_values(denominator_bits, 6 * 400)
+  groups = np.split(v, len(numerators))
+  steps = 40 if denominator_bits == 16 else 12
+  capacity = v.size * steps
+  k = _bitstack.head_bits(denominator_bits)
+
+  @jax.jit
+  def step(stack, values, n, min_base):
+    return _bitstack.multiply(stack, values, list(n), min_base,
+                              (denominator_bits,) * len(values))
+
+  with jax.enable_x64(True):
+    stack = _bitstack.empty([g.shape for g in groups], capacity, k)
+    values = [jnp.asarray(g) for g in groups]
+    heads, tail = [np.full(g.shape, 2**k, np.uint64) for g in groups], []
+    for t in range(steps):
+      ns = [max(int(n) - t * 977, 2**(denominator_bits - k)) for n in numerators]
+      bases = [_bitstack.head_bases(n, denominator_bits) for n in ns]
+      stack, values = step(stack, values, jnp.asarray(ns, jnp.uint64),
+                           jnp.float64(min(bases)))
+      heads, tail, groups = _reference_multiply(heads, tail, groups, ns, denominator_bits)
+    for ours, theirs in zip(stack.head, heads):
+      np.testing.assert_array_equal(np.asarray(ours), theirs)
+    for ours, theirs in zip(values, groups):
+      np.testing.assert_array_equal(np.asarray(ours), theirs)
+    assert int(stack.ptr) == len(tail) > 0 and not bool(stack.overflow)
+    np.testing.assert_array_equal(np.asarray(stack.tail[:len(tail)]), np.asarray(tail, np.uint32))

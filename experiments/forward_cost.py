@@ -1,0 +1,220 @@
+r"""What exact training costs against float training on this machine, and where the time goes.
+
+The problem is the paper's: a tanh MLP trained with momentum SGD (momentum 0.9, learning rate
+e**-1, initial scale e**-3) on the bundled MNIST digits, the validation loss after T steps as
+the meta-objective, differentiated with respect to a log L2 penalty. In one process, compiled
+once each and timed round-robin (so that the load of other processes falls on all alike), the
+median of --repeats calls of:
+
+  forward_float  jit(meta) with method="unroll": float training, no gradient
+  forward_exact  jit(meta) with method="reversible": training on the integer grid, no gradient
+  unroll         jit(grad(meta)) with method="unroll": store-all backprop
+  reversible     jit(grad(meta)) with method="reversible": exact reversal
+
+and the ratios exact / float and reversible / unroll. With --pieces, it also times the per-lane
+operations of one exact step in isolation, each in a ``lax.scan`` of T steps over arrays shaped
+like the network's weights: the momentum's rANS multiply (``_bitstack.multiply``), the
+conversions to and from the grid (``_fixed_point.to_fixed``, ``to_float``), an exact addition
+and a range check, against a float multiply-add of the same arrays (the floor: one pass).
+
+Writes ``results.json`` to --out_dir (machine, command, per network: weights, median times,
+ratios and the pieces) and prints a table.
+
+  # the 2.8M-weight network, batch 100, T = 40:
+  python experiments/forward_cost.py --out_dir=/tmp/forward_cost
+  # cost against width, 3 hidden layers of 50 (45k weights), 200 (240k) and 800 (1.9M):
+  python experiments/forward_cost.py --widths=50,200,800 --out_dir=/tmp/forward_cost_widths
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+import revhyper
+from revhyper import _bitstack
+from revhyper import _fixed_point
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_list("sizes", ["784", "1000", "1000", "1000", "10"], "Layer widths.")
+flags.DEFINE_list("widths", None, "Hidden widths to sweep instead of --sizes: each one is the "
+                  "network 784-w-w-w-10.")
+flags.DEFINE_integer("batch_size", 100, "Minibatch size.")
+flags.DEFINE_integer("steps", 40, "Training length T.")
+flags.DEFINE_integer("repeats", 7, "Timed calls per method after the warm-up.")
+flags.DEFINE_list("methods", ["forward_float", "forward_exact", "unroll", "reversible"],
+                  "Methods to time.")
+flags.DEFINE_boolean("pieces", False, "Also time the per-lane operations of an exact step.")
+flags.DEFINE_integer("num_train", 9000, "Training digits.")
+flags.DEFINE_integer("num_val", 100, "Validation digits of the meta-objective: few, so that "
+                     "the final evaluation, alike for every method, does not hide the training.")
+flags.DEFINE_string("out_dir", "/tmp/forward_cost", "Where results.json goes.")
+
+METHODS = ("forward_float", "forward_exact", "unroll", "reversible")
+MOMENTUM, LEARNING_RATE, INIT_SCALE, L2 = 0.9, math.exp(-1.0), math.exp(-3.0), 1e-4
+
+
+def build(sizes):
+  """The compiled functions of every method for one network, and its weight count."""
+  images, labels = revhyper.datasets.load_mnist()
+  n_train, n_val, batch = FLAGS.num_train, FLAGS.num_val, FLAGS.batch_size
+  mean = revhyper.datasets.pixel_mean(images[:n_train])
+  x = jnp.asarray(revhyper.datasets.preprocess(images[:n_train + n_val], mean))
+  y = jnp.asarray(labels[:n_train + n_val], jnp.int32)
+  key = jax.random.key(0)
+  params = revhyper.models.mlp_init(jax.random.fold_in(key, 0), sizes, scale=INIT_SCALE)
+  batch_key = jax.random.fold_in(key, 1)
+
+  def train_loss(w, log_l2, t):
+    idx = revhyper.datasets.batch_indices(batch_key, t, n_train, batch)
+    penalty = sum(jnp.sum(layer["W"] ** 2) for layer in w)
+    logits = revhyper.models.mlp_apply(w, x[idx])
+    return revhyper.models.softmax_cross_entropy(logits, y[idx]) + jnp.exp(log_l2) * penalty
+
+  def meta(log_l2, method):
+    out = revhyper.sgd(train_loss, params, log_l2, num_steps=FLAGS.steps,
+                       learning_rate=LEARNING_RATE, momentum=MOMENTUM, method=method)
+    logits = revhyper.models.mlp_apply(out.params, x[n_train:])
+    return revhyper.models.softmax_cross_entropy(logits, y[n_train:])
+
+  fns = {
+      "forward_float": jax.jit(lambda h: meta(h, "unroll")),
+      "forward_exact": jax.jit(lambda h: meta(h, "reversible")),
+      "unroll": jax.jit(jax.grad(lambda h: meta(h, "unroll"))),
+      "reversible": jax.jit(jax.grad(lambda h: meta(h, "reversible"))),
+  }
+  num_weights = sum(int(p.size) for p in jax.tree.leaves(params))
+  return fns, params, num_weights
+
+
+def time_round_robin(fns, args, repeats):
+  """Median seconds per call of each function, calls alternating between them."""
+  for fn in fns.values():  # compile and warm up
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def piece_functions(params, steps):
+  """Each per-lane operation of an exact step, run T times over weight-shaped arrays.
+
+  Every function takes and returns int64 lanes (plus what the operation carries), so that XLA
+  cannot hoist the work out of the loop.
+  """
+  leaves = jax.tree.leaves(params)
+  shapes = [x.shape for x in leaves]
+  n = jnp.uint64(round(MOMENTUM * 2**16))
+  min_base = jnp.float64(round(MOMENTUM * 2**16))
+  capacity = _bitstack.bucket(sum(x.size for x in leaves)
+                              * _bitstack.max_chunks_per_lane([int(n)] * steps) + 1)
+  floats = [x.astype(jnp.float32) for x in leaves]
+
+  def scanned(body, init):
+    return lambda: jax.lax.scan(lambda c, _: (body(c), None), init(), None, length=steps)[0]
+
+  def ints():
+    return [_fixed_point.to_fixed(x)[0] for x in floats]
+
+  def multiply(carry):
+    stack, v = carry
+    return _bitstack.multiply(stack, v, [n] * len(v), min_base)
+
+  def to_fixed(v):  # float -> grid, with the range check
+    return [_fixed_point.to_fixed(x.astype(jnp.float32) * 2.0**-60)[0] + x for x in v]
+
+  def to_float(v):
+    return [x + (_fixed_point.to_float(x, jnp.float32) > 0).astype(jnp.int64) for x in v]
+
+  def add(v):
+    return [_fixed_point.add(x, f)[0] for x, f in zip(v, floats)]
+
+  def in_range(v):
+    return [x + _fixed_point.in_range(f * x.astype(jnp.float32)).astype(jnp.int64)
+            for x, f in zip(v, floats)]
+
+  def float_step(v):  # the floor: one float multiply-add pass, in float64 lanes
+    return [x * 0.9 + f for x, f in zip(v, floats)]
+
+  return {
+      "rans_multiply": scanned(multiply, lambda: (
+          _bitstack.empty(shapes, capacity), ints())),
+      "to_fixed": scanned(to_fixed, ints),
+      "to_float": scanned(to_float, ints),
+      "add": scanned(add, ints),
+      "in_range": scanned(in_range, ints),
+      "float_multiply_add": scanned(float_step, lambda: [x.astype(jnp.float64) for x in floats]),
+  }
+
+
+def measure(sizes):
+  fns, params, num_weights = build(sizes)
+  fns = {name: fns[name] for name in METHODS if name in FLAGS.methods}
+  log_l2 = jnp.float32(math.log(L2))
+  medians, all_times = time_round_robin(fns, (log_l2,), FLAGS.repeats)
+  record = {"sizes": sizes, "num_weights": num_weights, "median_s": medians,
+            "times_s": all_times}
+  ratios = {}
+  if "forward_float" in medians and "forward_exact" in medians:
+    ratios["exact_over_float_training"] = medians["forward_exact"] / medians["forward_float"]
+  if "unroll" in medians and "reversible" in medians:
+    ratios["reversible_over_unroll"] = medians["reversible"] / medians["unroll"]
+  record["ratios"] = ratios
+  if FLAGS.pieces:
+    with jax.enable_x64(True):
+      pieces = {name: jax.jit(fn) for name, fn in piece_functions(params, FLAGS.steps).items()}
+      piece_medians, _ = time_round_robin(pieces, (), FLAGS.repeats)
+    lane_steps = num_weights * FLAGS.steps
+    record["pieces_ns_per_lane_step"] = {name: s / lane_steps * 1e9
+                                         for name, s in piece_medians.items()}
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.widths:
+    networks = [[784, int(w), int(w), int(w), 10] for w in FLAGS.widths]
+  else:
+    networks = [[int(s) for s in FLAGS.sizes]]
+  results = {
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv), "machine": platform.machine(),
+      "processor": platform.processor(), "cpus": os.cpu_count(), "jax": jax.__version__,
+      "backend": jax.default_backend(), "revhyper": os.path.dirname(revhyper.__file__),
+      "batch_size": FLAGS.batch_size, "steps": FLAGS.steps,
+      "repeats": FLAGS.repeats, "networks": [],
+  }
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  for sizes in networks:
+    load = os.getloadavg()[0]
+    record = measure(sizes)
+    record["load_average_before"] = load
+    results["networks"].append(record)
+    with open(os.path.join(FLAGS.out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    name = "-".join(map(str, sizes))
+    times = "  ".join(f"{m} {s:.3f} s" for m, s in record["median_s"].items())
+    ratios = "  ".join(f"{k} {v:.3f}x" for k, v in record["ratios"].items())
+    print(f"{name} ({record['num_weights']:,} weights): {times}\n  {ratios}")
+    for piece, ns in record.get("pieces_ns_per_lane_step", {}).items():
+      print(f"  {piece:20s} {ns:6.2f} ns per lane and step")
+  print("results:", os.path.join(FLAGS.out_dir, "results.json"))
+
+
+if __name__ == "__main__":
+  app.run(main)
