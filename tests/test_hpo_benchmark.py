@@ -86,6 +86,7 @@ def test_float_steps_repeat_revhyper_training(data, optimizer):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_truncated_hypergradient_of_one_window_is_the_full_horizon_one(data):
   # One window of all T steps, and a validation batch of the whole split: the truncated
   # hypergradient is then the hypergradient of the validation loss after training.

@@ -187,6 +187,7 @@ def test_round_trip_of_a_chain_is_bit_exact_and_spills():
   assert float(rt.stats.bits_stored) / (32 * lanes) > 5
 
 
+@pytest.mark.slow
 def test_optax_schedule_function_as_a_coefficient_and_its_gradient():
   schedule = lambda peak: optax.cosine_decay_schedule(peak, 100)  # noqa: E731
 
@@ -240,6 +241,7 @@ class WronglyLinearAdam(optim.Adam):
   linear_in_gradient = True
 
 
+@pytest.mark.slow
 def test_check_rule_catches_a_rule_that_claims_linearity_it_lacks():
   broken = optim.Optimizer((WronglyLinearAdam(),), optim.adam(0.01).values)
   check = optim.check_rule(broken)

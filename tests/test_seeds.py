@@ -30,6 +30,7 @@ def _reversible_meta_loss(log_lr, key):
   return _quadratic_meta_loss(log_lr, key, "reversible")
 
 
+@pytest.mark.slow
 def test_averaged_hypergradient_is_the_mean_of_the_per_seed_ones():
   # Through the reversible method: vmap runs the seeds' training backwards side by side.
   loss, grad = meta.seed_averaged_hypergradient(_reversible_meta_loss, LOG_LR, KEYS)
