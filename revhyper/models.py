@@ -1,4 +1,6 @@
-"""Models: the paper's tanh multilayer perceptrons (logistic regression included) and losses."""
+"""Models: the paper's tanh multilayer perceptrons (logistic regression included) and losses,
+a small residual convnet with BatchNorm (its training mode returns the batch statistics for
+``revhyper.RunningAverage``) and a small transformer with dropout."""
 
 from revhyper._models import error_rate
 from revhyper._models import mlp_apply
