@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from revhyper import _optim
 from revhyper import _schedules
 
 # 2**-40 resolves a statistic of order 1 forty bits below its leading one, far finer than
@@ -105,15 +106,8 @@ def prepare(model_state, num_steps, flatten_like_floats, compute_dtype):
   if not leaves:
     raise ValueError("model_state.initial must contain at least one array.")
   template = jax.tree_util.tree_unflatten(treedef, leaves)
-  decay = model_state.decay
-  if callable(decay):
-    steps = jnp.arange(num_steps, dtype=jnp.int32)
-    try:
-      decay = jax.vmap(decay)(steps)
-    except Exception as e:  # noqa: BLE001  (any failure of a user's schedule function)
-      raise ValueError(f"model_state.decay: a schedule function must map a step (an int32 "
-                       f"scalar) to a number; calling it failed: {e}") from e
-  schedule = _schedules.broadcast(decay, template, num_steps, "model_state.decay")
+  # Like an optimizer's coefficient: a scalar, [T], a pytree like initial, or a function of t.
+  schedule = _optim.schedule_of(model_state.decay, template, num_steps, "model_state.decay")
   _schedules.check_range(schedule, "model_state.decay", 0, 1)
   invalid = _schedules.outside(schedule.arrays, 0, 1)
   quantized = _schedules.quantize_decay(

@@ -461,7 +461,7 @@ class Prepared(NamedTuple):
   weight_decay_on: bool
 
 
-def _schedule_of(value, params, num_steps, name):
+def schedule_of(value, params, num_steps, name):
   """A coefficient value as a ``Schedule``; callables are evaluated at steps 0 .. T - 1."""
   if callable(value):
     steps = jnp.arange(num_steps, dtype=jnp.int32)
@@ -506,7 +506,7 @@ def prepare(optimizer, params, leaves, num_steps):
     where = "" if k == len(optimizer.components) - 1 else f"{type(component).__name__}: "
     schedules = {}
     for coefficient in component.coefficients:
-      schedule = _schedule_of(values[coefficient.name], params, num_steps, coefficient.name)
+      schedule = schedule_of(values[coefficient.name], params, num_steps, coefficient.name)
       invalid |= _validate(schedule, coefficient, where)
       schedules[coefficient.name] = schedule
     if component is not rule:

@@ -260,6 +260,17 @@ def running(decay=0.9, **kwargs):
   return revhyper.RunningAverage(cast(INITIAL, jnp.float32), decay=decay, **kwargs)
 
 
+def test_decay_as_a_schedule_function_or_per_leaf():
+  constant = train(make_loss(), running(0.75), method="unroll")
+  as_function = train(make_loss(), running(lambda t: 0.75 + 0.0 * t), method="unroll")
+  per_leaf = train(make_loss(), running({"mean": 0.75, "var": jnp.full(5, 0.75)}),
+                   method="unroll")
+  for out in (as_function, per_leaf):
+    for a, b in zip(jax.tree_util.tree_leaves(out.model_state),
+                    jax.tree_util.tree_leaves(constant.model_state)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("decay", [1.5, -0.1, np.nan])
 def test_a_decay_outside_the_unit_interval_is_refused(decay):
   with pytest.raises(ValueError, match=r"model_state\.decay must lie in \[0, 1\]"):
