@@ -63,6 +63,7 @@ def test_round_trip_is_bit_exact_over_decays_shapes_and_long_runs(weight_decay):
   np.testing.assert_allclose(rt.stats.bits_stored, rt.stats.information_bound_bits, rtol=0.01)
 
 
+@pytest.mark.slow
 def test_round_trip_of_the_eager_call_rebuilds_the_initial_state():
   rt = revhyper.round_trip(smooth_loss, PARAMS, jnp.float32(0.2), optimizer="adam",
                            num_steps=200, learning_rate=0.02, weight_decay=0.1)

@@ -144,7 +144,7 @@ OPTIMIZERS = {
         rtol=1e-4),
 }
 # Per row, the cell in the quick loop (None: none); the other form runs with the slow tests.
-QUICK_FORM = {"sgd_low_momentum": None, "sgd_weight_decay": False, "adam": True,
+QUICK_FORM = {"sgd_low_momentum": None, "sgd_weight_decay": None, "adam": True,
               "adamw": None, "optax_sgd": None, "rmsprop_centered": None, "adabelief": None,
               "clip_by_global_norm+adamw": None}
 

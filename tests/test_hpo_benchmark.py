@@ -66,6 +66,7 @@ def test_tpe_finds_a_one_dimensional_optimum():
   assert abs(best["x"] - 0.7) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_float_steps_repeat_revhyper_training(data, optimizer):
   task = hpo.Task(f"mlp:{optimizer}:8", data, tiny_config())
@@ -159,6 +160,7 @@ def test_warmup_cosine_rises_then_falls_to_near_zero():
   assert np.all(np.diff(shape[:10]) > 0) and np.all(np.diff(shape[10:]) < 0)
 
 
+@pytest.mark.slow
 def test_convnet_gives_logits_per_digit():
   noise, apply, fan_in = hpo.convnet((4, 6))
   params = noise(jax.random.key(0))
