@@ -231,3 +231,16 @@ def before_after_bars(ax, names, before, after, ylabel, scale=1.0):
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3, axis="y")
   ax.legend(fontsize=8)
+
+
+def memory_limit_bytes(limit_gb):
+  """The memory a benchmark may plan for: ``limit_gb`` if given, else 90% of the device's
+  limit, or on a host without one 70% of physical memory (at most 16 GB)."""
+  if limit_gb is not None:
+    return int(limit_gb * 1e9)
+  stats = jax.devices()[0].memory_stats()
+  if stats and "bytes_limit" in stats:
+    # Headroom for the allocator's fragmentation and for other live buffers.
+    return int(0.9 * stats["bytes_limit"])
+  physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return int(min(16e9, 0.7 * physical))

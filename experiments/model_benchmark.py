@@ -180,20 +180,9 @@ def config_from_flags():
       num_train=FLAGS.num_train,
       num_val=FLAGS.num_val,
       seed=FLAGS.seed,
-      memory_limit_bytes=memory_limit_bytes(FLAGS.memory_limit_gb),
+      memory_limit_bytes=common.memory_limit_bytes(FLAGS.memory_limit_gb),
       compiler_options=preset["compiler_options"],
   )
-
-
-def memory_limit_bytes(limit_gb):
-  if limit_gb is not None:
-    return int(limit_gb * 1e9)
-  stats = jax.devices()[0].memory_stats()
-  if stats and "bytes_limit" in stats:
-    # Headroom for the allocator's fragmentation and for other live buffers.
-    return int(0.9 * stats["bytes_limit"])
-  physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return int(min(16e9, 0.7 * physical))
 
 
 class Problem:
