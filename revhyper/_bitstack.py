@@ -179,7 +179,13 @@ def _split_like(flat, groups):
 
 
 def _spill(stack, masks):
-  """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation)."""
+  """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation).
+
+  Returns ``(tail, ptr, overflow, bound)``: the heads themselves are shifted by the caller,
+  ``where(mask, head >> 32, head)``, elementwise and outside any conditional, so that XLA can
+  update them in place in the step's own kernels (a head returned through a ``lax.cond``
+  branch was copied in full on every step).
+  """
   capacity = stack.tail.shape[0]
   mask, head = _join(masks), _join(stack.head)
   offsets = jnp.cumsum(mask, dtype=jnp.int64) - 1
@@ -188,14 +194,10 @@ def _spill(stack, masks):
   # past the capacity, which is recorded as overflow rather than corrupting the tail.
   index = jnp.where(mask, stack.ptr + offsets, capacity)
   chunks = (head & _CHUNK_MASK).astype(jnp.uint32)
-  head = jnp.where(mask, head >> CHUNK_BITS, head)
-  return BitStack(
-      head=_split_like(head, stack.head),
-      tail=stack.tail.at[index].set(chunks, mode="drop", unique_indices=True),
-      ptr=stack.ptr + count,
-      overflow=stack.overflow | (stack.ptr + count > capacity),
-      bound=jnp.max(head).astype(jnp.float64),
-  )
+  return (stack.tail.at[index].set(chunks, mode="drop", unique_indices=True),
+          stack.ptr + count,
+          stack.overflow | (stack.ptr + count > capacity),
+          jnp.max(jnp.where(mask, head >> CHUNK_BITS, head)).astype(jnp.float64))
 
 
 def _refill(stack, masks):
@@ -210,7 +212,18 @@ def _refill(stack, masks):
                         bound=jnp.min(head).astype(jnp.float64))
 
 
-def divmod_small_quotient(s, base):
+def _at_most_once(pred, fn, stack):
+  """``fn(stack)`` if ``pred`` else ``stack``, as a loop of zero or one iterations.
+
+  Not ``lax.cond``: a conditional whose branch returns its operand made XLA copy every head
+  on every step (about 1.3 ms a step at 2.8M lanes on a CPU); a loop updates its carry in
+  place and does nothing when it does not run.
+  """
+  return jax.lax.while_loop(lambda c: c[1], lambda c: (fn(c[0]), jnp.zeros((), jnp.bool_)),
+                            (stack, pred))[0]
+
+
+def divmod_small_quotient(s, base, s_float=None):
   """``(s // base, s % base)`` for uint64 ``s`` and ``1 <= base < 2**32`` with ``s / base < 2**50``.
 
   The same integers as the integer division, which x86 CPUs do one element at a time (about
@@ -221,12 +234,25 @@ def divmod_small_quotient(s, base):
   which a float-to-integer conversion would not vectorise) is the floor or one more. The
   remainder ``s - q * base``, exact in wrapping uint64 arithmetic, is negative exactly when
   ``q`` is one too many.
+
+  ``s_float``, if given, is ``s`` rounded once to float64 (the caller may have it cheaper than
+  a uint64-to-float conversion, which AVX2 lacks).
   """
-  estimate = s.astype(jnp.float64) * (1.0 / base.astype(jnp.float64)) + 2.0**52
+  if s_float is None:
+    s_float = s.astype(jnp.float64)
+  base = base & _CHUNK_MASK  # below 2**32: lets the compiler multiply 32 by 64 bits
+  estimate = s_float * (1.0 / base.astype(jnp.float64)) + 2.0**52
   q = jax.lax.bitcast_convert_type(estimate, jnp.uint64) & (2**52 - 1)
   r = s - q * base
   over = r.astype(jnp.int64) < 0  # |s - q * base| < base < 2**32: the wrapped value is small
   return q - over.astype(jnp.uint64), jnp.where(over, r + base, r)
+
+
+def exact_float(x):
+  """``x`` as float64 for integers ``0 <= x < 2**52`` (exact), from the bit pattern of
+  ``2**52 + x``: vector instructions only, where a 64-bit integer conversion has none on AVX2."""
+  bits = x.astype(jnp.uint64) | np.uint64(0x4330000000000000)  # the pattern of 2**52
+  return jax.lax.bitcast_convert_type(bits, jnp.float64) - 2.0**52
 
 
 def floor_divmod(x, n):
@@ -320,20 +346,31 @@ def multiply(stack, values, numerators, min_base, denominator_bits=None, shards=
   # others are >= B >= L). While the bound shows that no head is near a threshold, the masks,
   # the scan and the scatter are skipped: spills cluster in a few steps, since all heads grow
   # at the same rate.
-  may_spill = stack.bound >= min_base * 2.0**CHUNK_BITS
-  stack = jax.lax.cond(
-      may_spill,
-      lambda st: _spill(st, [h >= (p[3] << CHUNK_BITS) for h, p in zip(st.head, parts)]),
-      lambda st: st, stack)
+  spills = lambda heads: [h >= (p[3] << CHUNK_BITS) for h, p in zip(heads, parts)]
+  # The branch taken comes out of the conditional and gates the heads' shift, so that the shift
+  # (and the in-place update of the heads after it) is ordered after the branch's reads.
+  tail, ptr, overflow, bound, spilled = jax.lax.cond(
+      stack.bound >= min_base * 2.0**CHUNK_BITS,
+      lambda st: (*_spill(st, spills(st.head)), jnp.ones((), jnp.bool_)),
+      lambda st: (st.tail, st.ptr, st.overflow, st.bound, jnp.zeros((), jnp.bool_)), stack)
+  spilled = [jnp.where(spilled & m, h >> CHUNK_BITS, h)
+             for h, m in zip(stack.head, spills(stack.head))]
+  stack = stack._replace(tail=tail, ptr=ptr, overflow=overflow, bound=bound)
   heads, out = [], []
-  for head, (quotient, low, start, base), n in zip(stack.head, parts, numerators):
+  for head, (quotient, low, start, base), n in zip(spilled, parts, numerators):
     s = (head << k) + low  # < 2**32 * L * 2**k <= 2**(32 + 2k) <= 2**64: no uint64 overflow.
+    # head < 2**48 and low < 2**k convert exactly; their sum rounds once, like s would.
+    s_float = exact_float(head) * 2.0**k + exact_float(low)
     # head' = s // L >= head * 2**k / L >= 2**k = B, and < H: a quotient below 2**48.
-    head, x = divmod_small_quotient(s, base)  # x in [0, L)
+    head, _ = divmod_small_quotient(s, base, s_float)
+    # The values' kernel reads the new heads as stored, rather than dividing again.
+    head = jax.lax.optimization_barrier(head)
+    x = s - head * (base & _CHUNK_MASK)  # in [0, L)
     if start is not None:
       x = start + x  # in [0, n): the block of r_hi
     heads.append(head)
-    out.append(quotient * n.astype(jnp.int64) + x.astype(jnp.int64))
+    # n <= 2**31: masked so that the compiler multiplies 32 by 64 bits.
+    out.append(quotient * (n & _CHUNK_MASK).astype(jnp.int64) + x.astype(jnp.int64))
   # head' <= (head + 1) * 2**k / L.
   bound = (stack.bound + 1) * (2.0**k / min_base) * (1 + _SLACK)
   return stack._replace(head=heads, bound=bound), out
@@ -372,10 +409,8 @@ def divide(stack, values, numerators, min_base, denominator_bits=None, shards=No
   bound = (stack.bound * (min_base / 2.0**k) - 1) * (1 - _SLACK)
   stack = stack._replace(head=heads, bound=bound)
   # A lane spilled in the forward step exactly when its head is now below B.
-  stack = jax.lax.cond(
-      bound < 2.0**k,
-      lambda st: _refill(st, [h < 2**k for h in st.head]),
-      lambda st: st, stack)
+  stack = _at_most_once(bound < 2.0**k,
+                        lambda st: _refill(st, [h < 2**k for h in st.head]), stack)
   return stack, out
 
 

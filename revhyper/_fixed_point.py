@@ -17,17 +17,21 @@ Each state may have its own grid, ``2**-fractional_bits`` (the weights and veloc
 range ``|x| < 2**(61 - fractional_bits)`` that keeps every sum inside an int64.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # 2**-48 resolution leaves |x| < 2**13 = 8192 for weights and velocities (see _MAX_ABS_INT): ample for neural
 # network weights, finer than float32's 2**-24 relative resolution for |x| > 2**-24, and the
 # resolution at which reversal was measured exact on CPUs and GPUs.
 FRACTIONAL_BITS = 48
 
-# Every state entering a step is checked to satisfy |x| < 2**61 (from its float value, which
-# the step computes anyway), and so is every increment, so that their sum, |x| < 2**62, cannot
-# wrap an int64: no integer is ever inspected twice.
+# Every state entering a step is checked to lie in [-2**61, 2**61) (``in_range_int``), and every
+# increment is rounded into [-2**62, 2**62] (``to_fixed``), so that their sum cannot wrap an
+# int64; a lane whose state is out of range keeps it (the training step freezes it), so that a
+# check of the final state finds every failure.
 _MAX_ABS_INT = 2**61
+_OUT_OF_RANGE = 2.0**62  # what ``to_fixed`` makes of a value out of range
 MAX_ABS_VALUE = float(2 ** (61 - FRACTIONAL_BITS))
 
 
@@ -57,14 +61,47 @@ def to_fixed(x, fractional_bits=FRACTIONAL_BITS):
   """Rounds floats onto the grid; returns ``(int64 array, in_range bool array)``.
 
   ``in_range`` is False per element where the value is out of range or not finite. Such a
-  value is clamped, so that the integers stay well defined; the caller reports the run as
-  failed rather than continuing silently.
+  value becomes ``+-2**62`` (``+`` for NaN): well defined, and far enough out that adding it to
+  a state in range (``in_range_int``) cannot wrap an int64 and lands out of range, so that the
+  failure survives to the final check; the caller reports the run as failed rather than
+  continuing silently.
+
+  The scaled value ``y = x * 2**R`` (exact, in float64) is rounded half to even, like
+  ``jnp.round(y).astype(jnp.int64)``, in two halves of 32 bits read from float bit patterns
+  (``_round_to_int``): CPUs without AVX-512 have no vector float-to-int64 conversion, and
+  this step runs on every weight at every training step.
   """
-  scaled = x.astype(compute_dtype(x.dtype)) * (2.0**fractional_bits)
-  in_range = jnp.abs(scaled) < _MAX_ABS_INT  # False for NaN too
-  # 2**61 is exactly representable in float32 and float64, so the clamp itself is exact.
-  clamped = jnp.clip(scaled, -float(_MAX_ABS_INT), float(_MAX_ABS_INT))
-  return jnp.round(clamped).astype(jnp.int64), in_range
+  scaled = x.astype(jnp.promote_types(x.dtype, jnp.float64)) * (2.0**fractional_bits)
+  ok = jnp.abs(scaled) < _MAX_ABS_INT  # False for NaN too
+  clamped = jnp.where(ok, scaled, jnp.where(scaled < 0, -_OUT_OF_RANGE, _OUT_OF_RANGE))
+  # y = high * 2**32 + low exactly, high the nearest integer to y / 2**32 and |low| <= 2**31;
+  # rounding low half to even rounds y so, high * 2**32 being even.
+  high = _round_to_int(clamped * 2.0**-32)  # |high| <= 2**30
+  low = _round_to_int(clamped - high.astype(jnp.int32).astype(jnp.float64) * 2.0**32)
+  return (high << 32) + low, ok
+
+
+# Adding 1.5 * 2**52 to a float64 |y| < 2**51 rounds it half to even to an integer and leaves
+# that integer in the low bits of the sum's bit pattern.
+_ROUNDER = 1.5 * 2.0**52
+_ROUNDER_BITS = int(np.float64(_ROUNDER).view(np.int64))
+
+
+def _round_to_int(y):
+  """``round(y)`` as int64 for float64 ``|y| < 2**51``, half to even.
+
+  (Not ``(y + 1.5 * 2**52) - 1.5 * 2**52`` for the rounded float: XLA folds that to ``y``.)
+  """
+  return jax.lax.bitcast_convert_type(y + _ROUNDER, jnp.int64) - _ROUNDER_BITS
+
+
+def in_range_int(x_int):
+  """Per element: a grid integer lies in ``[-2**61, 2**61)``, where sums of two cannot wrap.
+
+  Integer-only (an add, a logical shift and a compare, all vector instructions on x86 CPUs):
+  checks a state entering a step without converting it to a float.
+  """
+  return ((x_int + _MAX_ABS_INT).astype(jnp.uint64) >> 62) == 0
 
 
 def in_range(x, fractional_bits=FRACTIONAL_BITS):

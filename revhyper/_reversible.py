@@ -147,7 +147,9 @@ class State(NamedTuple):
   w: list  # int64 arrays shaped like the parameter leaves: weights on the 2**-48 grid.
   slots: tuple  # per Slot, int64 arrays likewise, each on its slot's grid.
   stacks: tuple  # BitStacks: the slots' decays (one group per slot and leaf), the weights' if any
-  in_range: list  # bool arrays likewise, sticky: False once a value left its exact range.
+  # Empty during the loop (a value out of range stays out of it, see ``_forward_step``);
+  # ``_outputs`` sets the final state's per-leaf checks, bool arrays like the leaves.
+  in_range: list
   # int64 arrays shaped like the running averages (model state), on their grid; () without.
   running: tuple = ()
 
@@ -237,7 +239,9 @@ def _gradient(config, w_leaves, inputs, t, form, tangent=None):
   f = _loss_and_statistics(config)
   with jax.enable_x64(config.user_x64):
     if form is Gradient.PLAIN:
-      g, statistics = jax.grad(f, has_aux=True)(w_leaves, inputs, t)
+      # The fence makes the gradient read the float weights as stored, rather than convert
+      # the integers again in the step's kernels.
+      g, statistics = jax.grad(f, has_aux=True)(_barrier(w_leaves), inputs, t)
       return g, statistics, None
     # Every input crosses the fence, the step index and the tangent too: otherwise XLA can
     # fuse what produces them (t is i in the forward loop, T - 1 - i in the reverse one; the
@@ -507,6 +511,16 @@ def _undo_running(config, state, statistics, step):
   return state._replace(running=tuple(running), stacks=stacks)
 
 
+def _in_range(x_ints):
+  return [_fixed_point.in_range_int(x) for x in x_ints]
+
+
+def _frozen(ok, new, old):
+  """``new`` where the lane entered the step in range, else ``old``: a value that leaves its
+  range stays out of it (and is found by the final check) instead of wrapping or coming back."""
+  return [jnp.where(o, a, b) for o, a, b in zip(ok, new, old)]
+
+
 def _forward_step(config, hparams, form, state, step):
   rule = config.rule
   w_leaves = _float_leaves(config, state.w)
@@ -519,27 +533,27 @@ def _forward_step(config, hparams, form, state, step):
   g = _transformed_gradient(config, step.coefs, state.w, g)
   stacks, slots = _decay(config, _stage(config, "states"), state.stacks, _flat(state.slots),
                          step)
-  slots, checks = _add_increments(config, step.coefs, g, _unflat(slots, len(rule.slots)), 1)
+  slots, _ = _add_increments(config, step.coefs, g, _unflat(slots, len(rule.slots)), 1)
+  # Range checks without a pass of their own: a state entering the step in range,
+  # |x| < 2**61, plus an increment, which ``to_fixed`` rounds into [-2**62, 2**62] and pushes
+  # to +-2**62 when it is out of range or not finite, cannot wrap, and lands out of range
+  # exactly when something left its range; a lane out of range is frozen from then on
+  # (``_frozen``), so the check of the final state after the loop finds it. (A decay moves a
+  # value by at most 2**16 + 1 grid units beyond |x| n / d.)
+  slots = tuple(_frozen(_in_range(old), new, old) for new, old in zip(slots, state.slots))
+  # The weights' increment reads the new states as stored: without the fence XLA recomputes
+  # them (the whole rANS multiply) inside the weights' kernel.
+  slots = _barrier(slots)
   slot_floats = _slot_floats(config, slots)
-  stacks, running, running_ok = _advance_running(config, stacks, state.running, statistics,
-                                                 step)
+  stacks, running, _ = _advance_running(config, stacks, state.running, statistics, step)
+  if config.running is not None:
+    running = tuple(_frozen(_in_range(state.running), running, state.running))
   w = state.w
   if rule.weight_decay_bits is not None:
     stacks, w = _decay(config, _stage(config, "weights"), stacks, w, step)
-  w, w_ok = _add(w, _weight_increment(config, step.coefs, slot_floats))
-  # The states entering the additions are in range and so are the increments: no sum wrapped.
-  # (A decay moves a value by at most 2**16 + 1 grid units beyond |x| n / d.) The final state
-  # is checked after the loop.
-  states_ok = [_fixed_point.in_range(x) for x in w_leaves]
-  for slot, floats in zip(rule.slots, slot_floats):
-    states_ok = _and(states_ok, [_fixed_point.in_range(x, slot.fractional_bits) for x in floats])
-  num_leaves = len(state.w)
-  in_range = _and(state.in_range[:num_leaves], w_ok, states_ok, *checks)
-  if config.running is not None:
-    entering = [_fixed_point.in_range(x, config.running.fractional_bits)
-                for x in _running_compute(config, state.running)]
-    in_range += _and(state.in_range[num_leaves:], entering, running_ok)
-  return State(w, slots, stacks, in_range, running)
+  w, _ = _add(w, _weight_increment(config, step.coefs, slot_floats))
+  w = _frozen(_in_range(state.w), w, state.w)
+  return State(w, slots, stacks, state.in_range, running)
 
 
 def _undo_weights(config, state, step):
@@ -586,16 +600,13 @@ def _reverse_step(config, hparams, form, state, step):
 
 
 def _initial_state(config, params, slots, running):
+  # A value out of range (or not finite) becomes one out of range (see ``_forward_step``).
   w_parts = [_fixed_point.to_fixed(x) for x in params]
   slot_parts = [[_fixed_point.to_fixed(x, slot.fractional_bits) for x in leaves]
                 for leaves, slot in zip(slots, config.rule.slots)]
-  in_range = [ok for _, ok in w_parts]
-  for parts in slot_parts:
-    in_range = _and(in_range, [ok for _, ok in parts])
   running_ints = ()
   if config.running is not None:
     running_parts = [_fixed_point.to_fixed(x, config.running.fractional_bits) for x in running]
-    in_range += [ok for _, ok in running_parts]
     running_ints = tuple(_sharding.constrain(
         [x for x, _ in running_parts], _running_shards(config)))
   stacks = tuple(
@@ -606,7 +617,7 @@ def _initial_state(config, params, slots, running):
       slots=tuple(_sharding.constrain([x for x, _ in parts], config.shards)
                   for parts in slot_parts),
       stacks=stacks,
-      in_range=in_range,
+      in_range=(),
       running=running_ints,
   )
 
@@ -791,19 +802,17 @@ def _outputs(config, state):
   """The final weights, slots and running averages in the leaves' dtypes, and the state with
   its range checked."""
   params_out = _float_leaves(config, state.w)
-  final_ok = [_fixed_point.in_range(x) for x in params_out]
+  in_range = _and(_in_range(state.w), [_fixed_point.in_range(x) for x in params_out])
   slots_out = []
   for x, slot in zip(state.slots, config.rule.slots):
     slots_out.append([_fixed_point.to_float(y, dtype, slot.fractional_bits)
                       for y, dtype in zip(x, config.layout.dtypes)])
-    final_ok = _and(final_ok, [_fixed_point.in_range(y, slot.fractional_bits)
-                               for y in slots_out[-1]])
-  num_leaves = len(state.w)
-  in_range = _and(state.in_range[:num_leaves], final_ok)
+    in_range = _and(in_range, _in_range(x), [_fixed_point.in_range(y, slot.fractional_bits)
+                                             for y in slots_out[-1]])
   running_out = []
   if config.running is not None:
     running_out = _running_floats(config, state.running)
-    in_range += _and(state.in_range[num_leaves:], [
+    in_range += _and(_in_range(state.running), [
         _fixed_point.in_range(x, config.running.fractional_bits)
         for x in _running_compute(config, state.running)])
   return params_out, tuple(slots_out), running_out, state._replace(in_range=in_range)

@@ -313,3 +313,12 @@ def test_multiply_matches_the_integer_division_formulas(denominator_bits, numera
       np.testing.assert_array_equal(np.asarray(ours), theirs)
     assert int(stack.ptr) == len(tail) > 0 and not bool(stack.overflow)
     np.testing.assert_array_equal(np.asarray(stack.tail[:len(tail)]), np.asarray(tail, np.uint32))
+
+
+def test_exact_float_converts_integers_below_two_to_the_52_exactly():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.integers(0, 2**52, 5000, dtype=np.uint64),
+                        np.asarray([0, 1, 2**16, 2**48 - 1, 2**52 - 1], np.uint64)])
+    got = jax.jit(_bitstack.exact_float)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), x.astype(np.float64))

@@ -324,3 +324,23 @@ def test_non_finite_initial_values_under_jit_fail_the_run_saying_so(method):
     grads = jax.jit(jax.grad(meta))(bad)
     assert np.all(np.isnan(grads["b"]))
 
+
+
+@pytest.mark.parametrize("spike", [1e30, np.nan], ids=["huge", "nan"])
+def test_a_transient_failure_is_reported_though_the_values_would_come_back(spike):
+  # One step's gradient is out of range (or NaN) in one lane only; the following steps would
+  # decay that lane's velocity back into range (momentum 0.1) and clip nothing: the lane is
+  # frozen out of range at once, so that the final check still finds it. Also under jit.
+  def spiky(w, h, t):
+    factor = jnp.where(t == 3, jnp.float32(spike), jnp.float32(1.0))
+    return jnp.sum((w["a"] - h) ** 2) + factor * w["b"][0, 0] ** 2 + jnp.sum(w["b"] ** 2)
+
+  def run(momentum):
+    return revhyper.sgd(spiky, PARAMS, 0.3, num_steps=40, learning_rate=0.01,
+                        momentum=momentum, method=revhyper.Reversible(checks=False))
+
+  for out in (run(0.1), jax.jit(lambda: run(0.1))()):
+    assert bool(out.stats.fixed_point_overflow) or bool(out.stats.non_finite)
+    assert bool(out.stats.failed)
+  with pytest.raises(revhyper.ReversalError):
+    revhyper.sgd(spiky, PARAMS, 0.3, num_steps=40, learning_rate=0.01, momentum=0.1)

@@ -66,3 +66,56 @@ def test_in_range_states_and_increments_cannot_wrap():
     # The largest in-range state plus the largest in-range increment keeps its sign: no wrap.
     np.testing.assert_array_equal(np.sign(np.asarray(y)), [1, -1])
     assert not bool(jnp.any(_fixed_point.in_range(_fixed_point.to_float(y, jnp.float32))))
+
+
+def _reference_to_fixed(x, fractional_bits):
+  """``to_fixed``'s integers as plain rounding would give them: ``round(x * 2**R)``."""
+  scaled = x.astype(jnp.promote_types(x.dtype, jnp.float64)) * 2.0**fractional_bits
+  return jnp.round(scaled).astype(jnp.int64)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.float16])
+def test_to_fixed_rounds_half_to_even_like_plain_rounding(dtype, jit):
+  # The two-halves conversion must give the very integers of round(x * 2**R), also compiled:
+  # XLA folds (y + c) - c to y, which an earlier form of it relied on not happening.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(20000) * np.logspace(-16, 3.5, 20000)
+    ties = np.asarray([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 2**30 + 0.5]) * 2.0**-48
+    x = jnp.asarray(np.concatenate([x, ties, -x[:100]]), dtype)
+    for bits in (40, 48, 56, 60):
+      convert = jax.jit(_fixed_point.to_fixed, static_argnums=1) if jit else _fixed_point.to_fixed
+      ints, ok = convert(x, bits)
+      expected = _reference_to_fixed(x, bits)
+      np.testing.assert_array_equal(np.asarray(ints)[np.asarray(ok)],
+                                    np.asarray(expected)[np.asarray(ok)])
+
+
+def test_values_out_of_range_become_values_out_of_range():
+  # Out of range or not finite -> +-2**62 (+ for NaN): added to any state in range, the sum
+  # cannot wrap and is out of range itself, so that the failure reaches the final check.
+  with jax.enable_x64(True):
+    limit = _fixed_point.MAX_ABS_VALUE
+    x = jnp.asarray([limit * 1.01, -limit * 3, np.inf, -np.inf, np.nan, 1e30], jnp.float32)
+    ints, ok = _fixed_point.to_fixed(x)
+    assert not bool(jnp.any(ok))
+    np.testing.assert_array_equal(np.asarray(ints), [2**62, -2**62, 2**62, -2**62, 2**62, 2**62])
+    for state in (2**61 - 1, -2**61, 0):
+      total = np.asarray(jnp.int64(state) + ints)
+      assert not np.any(np.asarray(_fixed_point.in_range_int(jnp.asarray(total))))
+      np.testing.assert_array_equal(np.sign(total), np.sign(np.asarray(ints)))
+
+
+def test_in_range_int_is_the_half_open_range_of_the_grid():
+  with jax.enable_x64(True):
+    x = jnp.asarray([0, 1, -1, 2**61 - 1, -2**61, 2**61, -2**61 - 1, 2**62, -2**62,
+                     2**63 - 1, -2**63], jnp.int64)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(_fixed_point.in_range_int)(x)),
+        [True, True, True, True, True, False, False, False, False, False, False])
+    # It agrees with the float check wherever the float value is not rounded onto the edge.
+    ints, _ = _fixed_point.to_fixed(jnp.asarray(_values(4), jnp.float32))
+    np.testing.assert_array_equal(
+        np.asarray(_fixed_point.in_range_int(ints)),
+        np.asarray(_fixed_point.in_range(_fixed_point.to_float(ints, jnp.float32))))
