@@ -334,32 +334,11 @@ class Problem:
 
 
 def compile_method(problem, name, num_steps):
-  start = time.perf_counter()
-  lowered = problem.function(name, num_steps).lower(problem.hparams)
-  traced = time.perf_counter()
-  compiled = lowered.compile(compiler_options=problem.cfg["compiler_options"])
-  done = time.perf_counter()
-  analysis = compiled.memory_analysis()
-  memory = {
-      "temp_bytes": int(analysis.temp_size_in_bytes),
-      "argument_bytes": int(analysis.argument_size_in_bytes),
-      "output_bytes": int(analysis.output_size_in_bytes),
-      "alias_bytes": int(analysis.alias_size_in_bytes),
-      "generated_code_bytes": int(analysis.generated_code_size_in_bytes),
-  }
-  memory["planned_bytes"] = (memory["temp_bytes"] + memory["argument_bytes"]
-                             + memory["output_bytes"] - memory["alias_bytes"])
-  return compiled, {"trace_s": traced - start, "compile_s": done - traced, "memory": memory}
+  return common.compile_with_plan(problem.function(name, num_steps), (problem.hparams,),
+                                  problem.cfg["compiler_options"])
 
 
-def format_bytes(n):
-  return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def timed_call(compiled, hparams):
-  start = time.perf_counter()
-  out = jax.block_until_ready(compiled(hparams))
-  return time.perf_counter() - start, out
+format_bytes = common.format_bytes
 
 
 def relative_errors(got, reference):
@@ -468,32 +447,9 @@ def measure_steps(problem, num_steps, earlier):
       records[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
       progress(f"T={num_steps} {name}: {records[name]['error']}")
       continue
-    planned = records[name]["memory"]["planned_bytes"]
-    records[name]["fits"] = planned <= cfg["memory_limit_bytes"]
-    if not records[name]["fits"]:
-      del compiled[name]  # reported from its memory plan alone
-      records[name]["not_run"] = (f"needs {format_bytes(planned)} by XLA's memory plan, over "
-                                  f"the {format_bytes(cfg['memory_limit_bytes'])} limit")
-      progress(f"T={num_steps} {name}: {records[name]['not_run']}")
-
-  outputs = {}
-  for name in list(compiled):
-    progress(f"T={num_steps} {name}: warm-up")
-    try:
-      records[name]["warmup_s"], outputs[name] = timed_call(compiled[name], problem.hparams)
-    except Exception as e:  # noqa: BLE001  (a failing method is reported, the rest still run)
-      records[name]["error"] = f"{type(e).__name__}: {e}"[:2000]
-      del compiled[name]
-  times = {name: [] for name in compiled}
-  progress(f"T={num_steps}: {cfg['repeats']} timed rounds over {len(compiled)} methods")
-  for _ in range(cfg["repeats"]):
-    for name in compiled:  # round-robin: background load falls on every method alike
-      times[name].append(timed_call(compiled[name], problem.hparams)[0])
-  for name, ts in times.items():
-    records[name]["times_s"] = ts
-    records[name]["time_s"] = float(np.median(ts)) if ts else records[name]["warmup_s"]
-    records[name]["time_min_s"] = float(np.min(ts)) if ts else records[name]["warmup_s"]
-    records[name]["ms_per_step"] = 1e3 * records[name]["time_s"] / num_steps
+  common.drop_unfitting(compiled, records, cfg["memory_limit_bytes"], f"T={num_steps}", progress)
+  outputs, _ = common.time_round_robin(compiled, records, (problem.hparams,), cfg["repeats"],
+                                       num_steps, f"T={num_steps}", progress)
   del compiled
 
   for name, (value, stats) in outputs.items():

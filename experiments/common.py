@@ -244,3 +244,82 @@ def memory_limit_bytes(limit_gb):
     return int(0.9 * stats["bytes_limit"])
   physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   return int(min(16e9, 0.7 * physical))
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing side by side (the benchmarks): compile with XLA's memory plan, leave out what would not
+# fit, then time round-robin, so that background load falls on every method alike.
+
+
+def format_bytes(n, digits=1):
+  return f"{n / 1e9:.{digits}f} GB" if n >= 1e9 else f"{n / 1e6:.{digits}f} MB"
+
+
+def compile_with_plan(function, args, compiler_options=None):
+  """Traces and compiles ``function`` (a jitted function) at ``args``; returns the compiled
+  function and a record of its trace and compile times and XLA's memory plan."""
+  start = time.perf_counter()
+  lowered = function.lower(*args)
+  traced = time.perf_counter()
+  compiled = lowered.compile(compiler_options=compiler_options)
+  done = time.perf_counter()
+  analysis = compiled.memory_analysis()
+  memory = {
+      "temp_bytes": int(analysis.temp_size_in_bytes),
+      "argument_bytes": int(analysis.argument_size_in_bytes),
+      "output_bytes": int(analysis.output_size_in_bytes),
+      "alias_bytes": int(analysis.alias_size_in_bytes),
+      "generated_code_bytes": int(analysis.generated_code_size_in_bytes),
+  }
+  memory["planned_bytes"] = (memory["temp_bytes"] + memory["argument_bytes"]
+                             + memory["output_bytes"] - memory["alias_bytes"])
+  return compiled, {"trace_s": traced - start, "compile_s": done - traced, "memory": memory}
+
+
+def timed_call(compiled, *args):
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - start, out
+
+
+def drop_unfitting(compiled, records, limit, label, progress, digits=1):
+  """Removes from ``compiled`` every function whose memory plan exceeds ``limit`` bytes,
+  recording ``fits`` (and ``not_run``, why) in its record."""
+  for name in list(compiled):
+    planned = records[name]["memory"]["planned_bytes"]
+    records[name]["fits"] = planned <= limit
+    if not records[name]["fits"]:
+      del compiled[name]  # reported from its memory plan alone
+      records[name]["not_run"] = (f"needs {format_bytes(planned, digits)} by XLA's memory "
+                                  f"plan, over the {format_bytes(limit, digits)} limit")
+      progress(f"{label} {name}: {records[name]['not_run']}")
+
+
+def time_round_robin(compiled, records, args, repeats, num_steps, label, progress):
+  """Warms every function up, then times ``repeats`` rounds of calls alternating between them.
+
+  Records per function ``warmup_s``, ``times_s``, their median ``time_s`` and minimum
+  ``time_min_s``, and ``ms_per_step``; a function that fails is recorded (``error``) and left
+  out. Returns ``(outputs of the warm-up calls, load average before and after the rounds)``.
+  """
+  outputs = {}
+  for name in list(compiled):
+    progress(f"{label} {name}: warm-up")
+    try:
+      records[name]["warmup_s"], outputs[name] = timed_call(compiled[name], *args)
+    except Exception as e:  # noqa: BLE001  (a failing method is reported, the rest still run)
+      records[name]["error"] = f"{type(e).__name__}: {e}"[:2000]
+      del compiled[name]
+  times = {name: [] for name in compiled}
+  progress(f"{label}: {repeats} timed rounds over {len(compiled)} methods")
+  load_before = os.getloadavg()[0]
+  for _ in range(repeats):
+    for name in compiled:
+      times[name].append(timed_call(compiled[name], *args)[0])
+  load = [load_before, os.getloadavg()[0]]
+  for name, ts in times.items():
+    records[name]["times_s"] = ts
+    records[name]["time_s"] = float(np.median(ts)) if ts else records[name]["warmup_s"]
+    records[name]["time_min_s"] = float(np.min(ts)) if ts else records[name]["warmup_s"]
+    records[name]["ms_per_step"] = 1e3 * records[name]["time_s"] / num_steps
+  return outputs, load

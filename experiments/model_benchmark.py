@@ -293,29 +293,7 @@ class Problem:
         model_state=self.model_state())
 
 
-def compile_function(function, args, compiler_options):
-  """Traces and compiles ``function`` at ``args``; returns it and its times and memory plan."""
-  start = time.perf_counter()
-  lowered = function.lower(*args)
-  traced = time.perf_counter()
-  compiled = lowered.compile(compiler_options=compiler_options)
-  done = time.perf_counter()
-  analysis = compiled.memory_analysis()
-  memory = {
-      "temp_bytes": int(analysis.temp_size_in_bytes),
-      "argument_bytes": int(analysis.argument_size_in_bytes),
-      "output_bytes": int(analysis.output_size_in_bytes),
-      "alias_bytes": int(analysis.alias_size_in_bytes),
-  }
-  memory["planned_bytes"] = (memory["temp_bytes"] + memory["argument_bytes"]
-                             + memory["output_bytes"] - memory["alias_bytes"])
-  return compiled, {"trace_s": traced - start, "compile_s": done - traced, "memory": memory}
-
-
-def timed_call(compiled, *args):
-  start = time.perf_counter()
-  out = jax.block_until_ready(compiled(*args))
-  return time.perf_counter() - start, out
+compile_function = common.compile_with_plan
 
 
 def relative_errors(got, reference):
@@ -330,7 +308,7 @@ def relative_errors(got, reference):
 
 
 def format_bytes(n):
-  return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+  return common.format_bytes(n, digits=2)
 
 
 def estimate_unroll(problem):
@@ -383,34 +361,10 @@ def measure_model(name, cfg):
       methods[method] = {"error": f"{type(e).__name__}: {e}"[:2000]}
       progress(f"{name} {method}: {methods[method]['error']}")
       continue
-    planned = methods[method]["memory"]["planned_bytes"]
-    methods[method]["fits"] = planned <= limit
-    if not methods[method]["fits"]:
-      del compiled[method]
-      methods[method]["not_run"] = (f"needs {format_bytes(planned)} by XLA's memory plan, over "
-                                    f"the {format_bytes(limit)} limit")
-      progress(f"{name} {method}: {methods[method]['not_run']}")
-
-  outputs = {}
-  for method in list(compiled):
-    progress(f"{name} {method}: warm-up")
-    try:
-      methods[method]["warmup_s"], outputs[method] = timed_call(compiled[method], problem.hparams)
-    except Exception as e:  # noqa: BLE001  (a failing method is reported, the rest still run)
-      methods[method]["error"] = f"{type(e).__name__}: {e}"[:2000]
-      del compiled[method]
-  times = {method: [] for method in compiled}
-  progress(f"{name}: {cfg['repeats']} timed rounds over {len(compiled)} methods")
-  load_before = os.getloadavg()[0]
-  for _ in range(cfg["repeats"]):
-    for method in compiled:  # round-robin: background load falls on every method alike
-      times[method].append(timed_call(compiled[method], problem.hparams)[0])
-  record["load_average"] = [load_before, os.getloadavg()[0]]
+  common.drop_unfitting(compiled, methods, limit, name, progress, digits=2)
+  outputs, record["load_average"] = common.time_round_robin(
+      compiled, methods, (problem.hparams,), cfg["repeats"], num_steps, name, progress)
   del compiled
-  for method, ts in times.items():
-    methods[method]["times_s"] = ts
-    methods[method]["time_s"] = float(np.median(ts)) if ts else methods[method]["warmup_s"]
-    methods[method]["ms_per_step"] = 1e3 * methods[method]["time_s"] / num_steps
 
   reference = next((m for m in REFERENCE_ORDER if m in outputs), None)
   for method, grads in outputs.items():
@@ -436,7 +390,7 @@ def measure_model(name, cfg):
     try:
       compiled_trip, trip_record = compile_function(jax.jit(problem.round_trip),
                                                     (problem.hparams,), cfg["compiler_options"])
-      seconds, trip = timed_call(compiled_trip, problem.hparams)
+      seconds, trip = common.timed_call(compiled_trip, problem.hparams)
       stats = trip.stats
       failed = {flag: bool(getattr(stats, flag)) for flag in (
           "fixed_point_overflow", "buffer_overflow", "invalid_hyperparameters", "non_finite")}
