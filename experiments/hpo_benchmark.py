@@ -222,12 +222,25 @@ def convnet(channels):
   def apply(params, x):
     h = x.reshape(x.shape[:-1] + (28, 28, 1))
     for layer in params[:-1]:
-      h = jax.lax.conv_general_dilated(h, layer["W"], (2, 2), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      h = jnp.tanh(h + layer["b"])
+      h = jnp.tanh(conv3x3_stride2(h, layer["W"]) + layer["b"])
     return h.reshape(h.shape[:-3] + (-1,)) @ params[-1]["W"] + params[-1]["b"]
 
   return noise, apply, fan_in
+
+
+def conv3x3_stride2(h, w):
+  """A 3x3 stride-2 "SAME" convolution (NHWC input, HWIO kernel) as nine strided slices and
+  one matrix product: the same function as ``lax.conv_general_dilated``, whose CPU kernels and
+  their gradients ran a 100-step training run of this convnet (channels 8, 16, batch 200) 7x
+  slower (5.5 s against 0.8 s)."""
+  side, channels = h.shape[-3], h.shape[-1]
+  out = -(-side // 2)
+  pad = max(2 * (out - 1) + 3 - side, 0)
+  low = pad // 2
+  h = jnp.pad(h, [(0, 0)] * (h.ndim - 3) + [(low, pad - low), (low, pad - low), (0, 0)])
+  patches = [h[..., i:i + 2 * out - 1:2, j:j + 2 * out - 1:2, :]
+             for i in range(3) for j in range(3)]
+  return jnp.concatenate(patches, axis=-1) @ w.reshape(9 * channels, -1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -189,3 +189,15 @@ def test_quick_preset_writes_every_contender_on_every_task(background_jobs):
     assert task["verdict"]["outcome"] in ("wins", "ties", "loses")
     assert task["cost_runs"]["hypergradient"] > 0
   assert_png(out_dir / "hpo_benchmark.png")
+
+
+@pytest.mark.parametrize("side", [28, 14, 7])
+def test_convolution_is_lax_conv_same_stride_2(side):
+  h = jax.random.normal(jax.random.key(0), (3, side, side, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  expected = jax.lax.conv_general_dilated(h, w, (2, 2), "SAME",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          precision=jax.lax.Precision.HIGHEST)
+  got = hpo.conv3x3_stride2(h, w)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
