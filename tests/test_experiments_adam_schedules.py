@@ -40,7 +40,13 @@ def test_results_hold_the_history_the_learned_schedules_and_the_comparison(run):
   assert 0.5 <= learned["b1"] <= 1 and 0.5 <= learned["b2"] <= 1
   comparison = results["comparison"]
   assert {"learned", "optax_adamw_defaults"} <= set(comparison)
-  assert any(name.startswith("best_constant_lr_") for name in comparison)
+  best = [name for name in comparison if name.startswith("best_constant_lr_")]
+  assert len(best) == 1
+  # warm_start (the default): meta-training starts at the grid's best rate by validation error.
+  grid_valid = results["grid_valid_error"]
+  best_rate = min(grid_valid, key=grid_valid.get)
+  assert config["warm_start"] and best[0] == f"best_constant_lr_{best_rate}"
+  assert results["meta_training_start_learning_rate"] == float(best_rate)
   for c in comparison.values():
     assert len(c["test_error"]["per_seed"]) == 2 and 0 <= c["test_error"]["mean"] <= 1
 

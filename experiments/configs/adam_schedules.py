@@ -22,6 +22,9 @@ def get_config(preset="paper"):
   c.eval_seeds = 20
   # The baseline: the best of these constant learning rates by mean validation error.
   c.grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+  # Meta-training starts from the grid's best rate (False: from optax's default 1e-3). The
+  # learned schedules then have the grid's information and the meta-steps on top of it.
+  c.warm_start = True
   # Lower bound on b1, b2 and 1 - lr * wd: the reversible method sizes its bit stack from it
   # (they are traced), and learned values are clipped to it.
   c.min_decay = 0.5
