@@ -56,14 +56,13 @@ spread across seeds, the verdict, and ``contenders[<name>]`` with ``compute_runs
 ``test_error`` and ``valid_error`` as ``{"mean", "sd", "n", "values"}``, the held-out ``curve``
 and what was ``found``) and ``hpo_benchmark.png``: best-found held-out test error against
 compute, per task, with bands of one sd over the fresh seeds; both are rewritten after every
-task, so a partial run keeps what it finished. Wall time of the paper preset on 2 CPU cores
-shared with other jobs: 15 and 11 minutes for the two T = 100 MLP tasks; about 80 minutes
-for T = 1000 and 4.5 hours for the convnet, estimated from their measured training-run times
-(docs/hpo.rst).
+task, so a partial run keeps what it finished. Wall time of the paper preset on 2 quiet CPU
+cores: 2.4 and 2.8 minutes for the two T = 100 MLP tasks, 26 for the convnet and 29 for
+T = 1000, about an hour in all (docs/hpo.rst).
 
 Run from the repository root::
 
-  python experiments/hpo_benchmark.py --out_dir results/hpo   # ~6 h on 2 CPU cores (estimated)
+  python experiments/hpo_benchmark.py --out_dir results/hpo   # ~1 h on 2 CPU cores
   python experiments/hpo_benchmark.py --config=experiments/configs/hpo_benchmark.py:quick \\
       --out_dir /tmp/hpo_quick                                  # under 60 CPU-seconds
 """
