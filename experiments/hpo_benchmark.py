@@ -546,12 +546,29 @@ def hypergradient_descent(programs, base_hp, betas, search_keys):
                      "learning_rate_last_pass": np.asarray(out["learning_rate"]).tolist()}}
 
 
-def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, meta_step=None):
-  """Meta-steps of optax.adam after clip_hypergradient on the full-horizon exact hypergradient
+def meta_optimizer(c, meta_step, num_steps):
+  """optax.adam after clip_hypergradient; with ``config.meta_step_decay``, its step decays
+  along a cosine from ``meta_step`` to 0 over the ``num_steps`` meta-steps the budget affords:
+  near an optimum the hypergradient is mostly noise across seeds, which steps of a fixed size
+  follow (docs/hpo.rst)."""
+  if c.meta_step_decay and num_steps is not None:
+    meta_step = optax.cosine_decay_schedule(meta_step, max(int(num_steps), 1))
+  return optax.chain(revhyper.meta.clip_hypergradient(c.max_hypergrad_norm),
+                     optax.adam(meta_step))
+
+
+def affordable(budget_runs, cost_runs):
+  """How many units of ``cost_runs`` a budget pays for (at least one: the first always runs)."""
+  return max(1, int(budget_runs // cost_runs))
+
+
+def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, meta_step=None,
+                     num_steps=None):
+  """Meta-steps of ``meta_optimizer`` on the full-horizon exact hypergradient
   (``programs["hypergradients"]`` over ``keys_for(i)``, averaged) of the parameterisation
-  ``to_hp(theta)``; with ``spread_history``, each step's spread across seeds is appended."""
-  optimizer = optax.chain(revhyper.meta.clip_hypergradient(c.max_hypergrad_norm),
-                          optax.adam(c.meta_step if meta_step is None else meta_step))
+  ``to_hp(theta)``, expected to run ``num_steps`` times; with ``spread_history``, each step's
+  spread across seeds is appended."""
+  optimizer = meta_optimizer(c, c.meta_step if meta_step is None else meta_step, num_steps)
   state = optimizer.init(theta)
   for i in range(10 ** 9):
     hp, pullback = jax.vjp(to_hp, theta)
@@ -575,10 +592,9 @@ def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, m
            "found": {"meta_iterations": i + 1, "last_meta_loss": float(jnp.mean(losses))}}
 
 
-def truncated_learner(task, theta, programs, search_keys, c):
+def truncated_learner(task, theta, programs, search_keys, c, num_steps=None):
   """Meta-steps on the truncated hypergradients of the free per-step schedules."""
-  optimizer = optax.chain(revhyper.meta.clip_hypergradient(c.max_hypergrad_norm),
-                          optax.adam(c.meta_step))
+  optimizer = meta_optimizer(c, c.meta_step, num_steps)
   state = optimizer.init(theta)
   for i in range(10 ** 9):
     value, grad = programs["truncated"](theta, search_keys(i)[0])
@@ -722,12 +738,15 @@ def run_task(task, c):
       "tpe_warmup_cosine": search_candidates(task, programs, cosine,
                                   tpe_sampler(space, c.seed, c.tpe_startup_trials), search_keys),
       "hypergradient_descent": hypergradient_descent(programs, base_hp, c.hd_betas, search_keys),
-      "truncated": truncated_learner(task, free_theta(task, start), programs, search_keys, c),
+      "truncated": truncated_learner(task, free_theta(task, start), programs, search_keys, c,
+                                     affordable(c.budget_runs, costs["truncated"])),
       "hypergradient": gradient_learner(to_free, free_theta(task, start), programs,
-                                        lambda i: search_keys(i, 1), c),
-      "hypergradient_smooth": gradient_learner(to_smooth, smooth_theta(task, start, c.num_basis),
-                                               programs, avg_keys, c, spread,
-                                               c.smooth_meta_step),
+                                        lambda i: search_keys(i, 1), c,
+                                        num_steps=affordable(c.budget_runs,
+                                                             costs["hypergradient"])),
+      "hypergradient_smooth": gradient_learner(
+          to_smooth, smooth_theta(task, start, c.num_basis), programs, avg_keys, c, spread,
+          c.smooth_meta_step, affordable(c.budget_runs, costs["hypergradient_smooth"])),
   }
   steps = {name: with_cost(s, costs[name]) for name, s in steps.items()}
   # TPE over the warmup-cosine family for part of the budget, then the smooth family's
@@ -739,7 +758,9 @@ def run_task(task, c):
       warm_trials,
       lambda point: with_cost(gradient_learner(
           to_smooth, smooth_theta(task, point, c.num_basis), programs,
-          lambda i: avg_keys(10 ** 6 + i), c, meta_step=c.smooth_meta_step),
+          lambda i: avg_keys(10 ** 6 + i), c, meta_step=c.smooth_meta_step,
+          num_steps=affordable(c.budget_runs - warm_trials * c.search_seeds,
+                               costs["hypergradient_smooth"])),
           costs["hypergradient_smooth"]))
   costs["tpe_then_hypergradient"] = costs["hypergradient_smooth"]
 

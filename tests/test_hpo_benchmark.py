@@ -201,3 +201,25 @@ def test_convolution_is_lax_conv_same_stride_2(side):
   got = hpo.conv3x3_stride2(h, w)
   assert got.shape == expected.shape
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_step_decays_to_nothing_over_the_affordable_steps():
+  def meta_loss(hp, key):
+    return jnp.sum((hp["x"] - 1.0 - 0.5 * jax.random.normal(key, (3,))) ** 2)
+
+  programs = {"hypergradients": jax.jit(
+      lambda hp, keys: revhyper.meta.per_seed_hypergradients(meta_loss, hp, keys))}
+  keys_for = lambda i: jax.random.split(jax.random.key(i), 2)
+  assert hpo.affordable(150, 11.9) == 12 and hpo.affordable(10, 30) == 1
+
+  def moves(decay):
+    learner = hpo.gradient_learner(lambda theta: theta, {"x": jnp.zeros(3)}, programs, keys_for,
+                                   tiny_config(meta_step=0.1, meta_step_decay=decay),
+                                   num_steps=20)
+    xs = [np.asarray(step["hp"]["x"]) for _, step in zip(range(20), learner)]
+    return [float(np.abs(b - a).max()) for a, b in zip(xs, xs[1:])]
+
+  fixed, decayed = moves(False), moves(True)
+  # Adam's steps are about the step size whatever the noise: fixed ones keep moving, decayed
+  # ones stop by the last affordable step.
+  assert min(fixed[-3:]) > 0.02 and max(decayed[-2:]) < 0.005 and decayed[0] > 0.05

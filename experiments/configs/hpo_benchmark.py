@@ -50,6 +50,9 @@ def get_config(preset="paper"):
   c.meta_step = 0.05
   c.max_hypergrad_norm = 10.0
   c.smooth_meta_step = 0.1  # the smooth family's few values move further per meta-step
+  # The meta-step decays along a cosine to 0 over the meta-steps the budget affords (False: a
+  # fixed step, which near the optimum follows the hypergradient's noise across seeds).
+  c.meta_step_decay = True
   # The smooth family: warmup-cosine with learned peak, momentum, weight decay and init scale,
   # times exp of this many cosine basis functions of t per weight type; its hypergradient is
   # averaged over avg_seeds seeds per meta-iteration.
