@@ -41,8 +41,9 @@ Contenders:
 
 The gradient-based contenders all meta-step with ``optax.adam(config.meta_step)`` after
 ``revhyper.meta.clip_hypergradient(config.max_hypergrad_norm)``, which also turns the
-hypergradient of a diverged run into no step. They start at the defaults of the config; the
-searches sample the whole space.
+hypergradient of a diverged run into no step; with ``config.meta_step_decay`` (the default)
+the step decays along a cosine to 0 over the meta-steps the budget affords them. They start at
+the defaults of the config; the searches sample the whole space.
 
 Compute: one training run is the time of one jit-compiled training run and its evaluation,
 measured in this run (after compiling); every other unit of work (one hypergradient, one
