@@ -108,13 +108,19 @@ def test_truncated_hypergradient_of_one_window_is_the_full_horizon_one(data):
       np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-7)
 
 
-def test_gradient_learner_finds_the_minimum_of_a_noisy_quadratic_and_records_the_spread():
+def noisy_quadratic(noise, seeds):
+  """``programs`` with the hypergradients of ``|x - 1 - noise * N(0, 1)|**2`` per seed (the
+  minimum at 1), and ``keys_for(i)``, ``seeds`` keys per meta-iteration."""
   def meta_loss(hp, key):
-    return jnp.sum((hp["x"] - 1.0 - 0.1 * jax.random.normal(key, (3,))) ** 2)
+    return jnp.sum((hp["x"] - 1.0 - noise * jax.random.normal(key, (3,))) ** 2)
 
   programs = {"hypergradients": jax.jit(
       lambda hp, keys: revhyper.meta.per_seed_hypergradients(meta_loss, hp, keys))}
-  keys_for = lambda i: jax.random.split(jax.random.key(i), 4)
+  return programs, lambda i: jax.random.split(jax.random.key(i), seeds)
+
+
+def test_gradient_learner_finds_the_minimum_of_a_noisy_quadratic_and_records_the_spread():
+  programs, keys_for = noisy_quadratic(0.1, 4)
   spread = []
   learner = hpo.gradient_learner(lambda theta: theta, {"x": jnp.zeros(3)}, programs, keys_for,
                                  tiny_config(meta_step=0.05), spread)
@@ -204,12 +210,7 @@ def test_convolution_is_lax_conv_same_stride_2(side):
 
 
 def test_meta_step_decays_to_nothing_over_the_affordable_steps():
-  def meta_loss(hp, key):
-    return jnp.sum((hp["x"] - 1.0 - 0.5 * jax.random.normal(key, (3,))) ** 2)
-
-  programs = {"hypergradients": jax.jit(
-      lambda hp, keys: revhyper.meta.per_seed_hypergradients(meta_loss, hp, keys))}
-  keys_for = lambda i: jax.random.split(jax.random.key(i), 2)
+  programs, keys_for = noisy_quadratic(0.5, 2)
   assert hpo.affordable(150, 11.9) == 12 and hpo.affordable(10, 30) == 1
 
   def moves(decay):
