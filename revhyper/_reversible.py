@@ -147,9 +147,6 @@ class State(NamedTuple):
   w: list  # int64 arrays shaped like the parameter leaves: weights on the 2**-48 grid.
   slots: tuple  # per Slot, int64 arrays likewise, each on its slot's grid.
   stacks: tuple  # BitStacks: the slots' decays (one group per slot and leaf), the weights' if any
-  # Empty during the loop (a value out of range stays out of it, see ``_forward_step``);
-  # ``_outputs`` sets the final state's per-leaf checks, bool arrays like the leaves.
-  in_range: list
   # int64 arrays shaped like the running averages (model state), on their grid; () without.
   running: tuple = ()
 
@@ -338,10 +335,10 @@ def _slot_floats(config, slots):
 
 
 def _add(x, increments, fractional_bits=_fixed_point.FRACTIONAL_BITS, sign=1):
-  """``_fixed_point.add`` (or ``subtract``) leaf by leaf; returns ``(ints, in_range masks)``."""
+  """``_fixed_point.add`` (or ``subtract``) leaf by leaf. Its range masks are not needed: an
+  increment out of range makes a sum out of range, which the forward step freezes."""
   op = _fixed_point.add if sign > 0 else _fixed_point.subtract
-  pairs = [op(a, b, fractional_bits) for a, b in zip(x, increments)]
-  return [a for a, _ in pairs], [ok for _, ok in pairs]
+  return [op(a, b, fractional_bits)[0] for a, b in zip(x, increments)]
 
 
 def _and(*masks):
@@ -464,18 +461,17 @@ def _add_increments(config, coefs, g, slots, sign):
   """Adds (``sign`` 1) or subtracts (-1, in the reverse order) every state's increment.
 
   Each increment reads the gradient and the states it declared, as they are at its turn; the
-  reverse order meets them in the same values. Returns ``(slots, in_range masks)``.
+  reverse order meets them in the same values.
   """
   rule = config.rule
-  slots, checks = list(slots), []
+  slots = list(slots)
   order = range(len(rule.slots)) if sign > 0 else reversed(range(len(rule.slots)))
   for i in order:
     reads = tuple(_compute_leaves(config, slots[j], rule.slots[j].fractional_bits)
                   if j in rule.reads[i] else None for j in range(len(slots)))
     inc = _fenced(config, functools.partial(rule.slot_increment, i), coefs, g, reads)
-    slots[i], ok = _add(slots[i], inc, rule.slots[i].fractional_bits, sign)
-    checks.append(ok)
-  return tuple(slots), checks
+    slots[i] = _add(slots[i], inc, rule.slots[i].fractional_bits, sign)
+  return tuple(slots)
 
 
 def _weight_increment(config, coefs, slots):
@@ -493,18 +489,18 @@ def _discarded_tangent(config, state, form):
 
 
 def _advance_running(config, stacks, running, statistics, step):
-  """``r <- decay(r) + (1 - decay) * s_t`` exactly; returns ``(stacks, running, in_range)``."""
+  """``r <- decay(r) + (1 - decay) * s_t`` exactly; returns ``(stacks, running)``."""
   if config.running is None:
-    return stacks, running, []
+    return stacks, running
   stacks, running = _decay(config, _stage(config, "running"), stacks, list(running), step)
-  running, ok = _add(running, _running_increment(config, step, statistics),
-                     config.running.fractional_bits)
-  return stacks, tuple(running), ok
+  running = _add(running, _running_increment(config, step, statistics),
+                 config.running.fractional_bits)
+  return stacks, tuple(running)
 
 
 def _undo_running(config, state, statistics, step):
   """Undoes ``_advance_running`` given the recomputed statistics ``s_t``."""
-  running, _ = _add(list(state.running), _running_increment(config, step, statistics),
+  running = _add(list(state.running), _running_increment(config, step, statistics),
                     config.running.fractional_bits, sign=-1)
   stacks, running = _decay(config, _stage(config, "running"), state.stacks, running, step,
                            inverse=True)
@@ -533,7 +529,7 @@ def _forward_step(config, hparams, form, state, step):
   g = _transformed_gradient(config, step.coefs, state.w, g)
   stacks, slots = _decay(config, _stage(config, "states"), state.stacks, _flat(state.slots),
                          step)
-  slots, _ = _add_increments(config, step.coefs, g, _unflat(slots, len(rule.slots)), 1)
+  slots = _add_increments(config, step.coefs, g, _unflat(slots, len(rule.slots)), 1)
   # Range checks without a pass of their own: a state entering the step in range,
   # |x| < 2**61, plus an increment, which ``to_fixed`` rounds into [-2**62, 2**62] and pushes
   # to +-2**62 when it is out of range or not finite, cannot wrap, and lands out of range
@@ -545,22 +541,22 @@ def _forward_step(config, hparams, form, state, step):
   # them (the whole rANS multiply) inside the weights' kernel.
   slots = _barrier(slots)
   slot_floats = _slot_floats(config, slots)
-  stacks, running, _ = _advance_running(config, stacks, state.running, statistics, step)
+  stacks, running = _advance_running(config, stacks, state.running, statistics, step)
   if config.running is not None:
     running = tuple(_frozen(_in_range(state.running), running, state.running))
   w = state.w
   if rule.weight_decay_bits is not None:
     stacks, w = _decay(config, _stage(config, "weights"), stacks, w, step)
-  w, _ = _add(w, _weight_increment(config, step.coefs, slot_floats))
+  w = _add(w, _weight_increment(config, step.coefs, slot_floats))
   w = _frozen(_in_range(state.w), w, state.w)
-  return State(w, slots, stacks, state.in_range, running)
+  return State(w, slots, stacks, running)
 
 
 def _undo_weights(config, state, step):
   """Undoes ``w_{t+1} = decay(w_t) + weight_increment(s_{t+1})``; returns the state with
   ``w_t`` and the new slots' floats ``s_{t+1}`` (compute dtypes)."""
   slots_next = _slot_floats(config, state.slots)
-  w, _ = _add(state.w, _weight_increment(config, step.coefs, slots_next), sign=-1)
+  w = _add(state.w, _weight_increment(config, step.coefs, slots_next), sign=-1)
   stacks = state.stacks
   if config.rule.weight_decay_bits is not None:
     stacks, w = _decay(config, _stage(config, "weights"), stacks, w, step, inverse=True)
@@ -570,7 +566,7 @@ def _undo_weights(config, state, step):
 def _undo_slots(config, state, g, step):
   """Undoes ``s_{t+1} = decay(s_t) + increments(g_t)`` given the recomputed ``g_t``."""
   g = _transformed_gradient(config, step.coefs, state.w, g)
-  slots, _ = _add_increments(config, step.coefs, g, state.slots, -1)
+  slots = _add_increments(config, step.coefs, g, state.slots, -1)
   stacks, slots = _decay(config, _stage(config, "states"), state.stacks, _flat(slots), step,
                          inverse=True)
   return state._replace(slots=_unflat(slots, len(config.rule.slots)), stacks=stacks)
@@ -617,7 +613,6 @@ def _initial_state(config, params, slots, running):
       slots=tuple(_sharding.constrain([x for x, _ in parts], config.shards)
                   for parts in slot_parts),
       stacks=stacks,
-      in_range=(),
       running=running_ints,
   )
 
@@ -691,7 +686,7 @@ NON_FINITE = (
     "diverged, e.g. from too large a learning rate.")
 
 
-def _stats(config, state, steps, invalid, params_out, slots_out, running_out):
+def _stats(config, state, steps, invalid, in_range, params_out, slots_out, running_out):
   # Sharded, a replicated leaf's lanes are held (and count) once per device that holds them.
   sizes = _sharding.held_sizes(config.layout.shapes, config.shards)
   bound = jnp.zeros((), jnp.float64)
@@ -712,8 +707,7 @@ def _stats(config, state, steps, invalid, params_out, slots_out, running_out):
       information_bound_bits=bound.astype(jnp.float32),
       capacity_bits=jnp.asarray(capacity, jnp.float32),
       bits_per_weight_per_step=(stored / lanes_steps).astype(jnp.float32),
-      fixed_point_overflow=jnp.logical_not(
-          _all_equal(state.in_range, [True] * len(state.in_range))),
+      fixed_point_overflow=jnp.logical_not(_all_equal(in_range, [True] * len(in_range))),
       buffer_overflow=functools.reduce(jnp.logical_or,
                                        [jnp.any(st.overflow) for st in state.stacks]),
       invalid_hyperparameters=invalid,
@@ -799,8 +793,8 @@ def _guard(tree):
 
 
 def _outputs(config, state):
-  """The final weights, slots and running averages in the leaves' dtypes, and the state with
-  its range checked."""
+  """The final weights, slots and running averages in the leaves' dtypes, and per leaf whether
+  every value is in range (a lane that left it was frozen out of it by ``_forward_step``)."""
   params_out = _float_leaves(config, state.w)
   in_range = _and(_in_range(state.w), [_fixed_point.in_range(x) for x in params_out])
   slots_out = []
@@ -815,7 +809,7 @@ def _outputs(config, state):
     in_range += _and(_in_range(state.running), [
         _fixed_point.in_range(x, config.running.fractional_bits)
         for x in _running_compute(config, state.running)])
-  return params_out, tuple(slots_out), running_out, state._replace(in_range=in_range)
+  return params_out, tuple(slots_out), running_out, in_range
 
 
 def _forward(config, params, slots, running, hparams, steps, invalid, form):
@@ -823,8 +817,8 @@ def _forward(config, params, slots, running, hparams, steps, invalid, form):
     state = _initial_state(config, params, slots, running)
     step_fn = lambda s, x: (_forward_step(config, hparams, form, s, x), None)
     state, _ = jax.lax.scan(step_fn, state, steps)
-    params_out, slots_out, running_out, state = _outputs(config, state)
-    stats = _stats(config, state, steps, invalid, params_out, slots_out, running_out)
+    params_out, slots_out, running_out, in_range = _outputs(config, state)
+    stats = _stats(config, state, steps, invalid, in_range, params_out, slots_out, running_out)
   failed = check(stats, config.checks, config.min_decay)
   outputs = _errors.poison(failed, (params_out, slots_out, running_out))
   return outputs, stats, state, failed
