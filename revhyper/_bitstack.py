@@ -179,13 +179,7 @@ def _split_like(flat, groups):
 
 
 def _spill(stack, masks):
-  """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation).
-
-  Returns ``(tail, ptr, overflow, bound)``: the heads themselves are shifted by the caller,
-  ``where(mask, head >> 32, head)``, elementwise and outside any conditional, so that XLA can
-  update them in place in the step's own kernels (a head returned through a ``lax.cond``
-  branch was copied in full on every step).
-  """
+  """Moves the low 32 bits of the masked lanes' heads to the tail (forward renormalisation)."""
   capacity = stack.tail.shape[0]
   mask, head = _join(masks), _join(stack.head)
   offsets = jnp.cumsum(mask, dtype=jnp.int64) - 1
@@ -194,10 +188,14 @@ def _spill(stack, masks):
   # past the capacity, which is recorded as overflow rather than corrupting the tail.
   index = jnp.where(mask, stack.ptr + offsets, capacity)
   chunks = (head & _CHUNK_MASK).astype(jnp.uint32)
-  return (stack.tail.at[index].set(chunks, mode="drop", unique_indices=True),
-          stack.ptr + count,
-          stack.overflow | (stack.ptr + count > capacity),
-          jnp.max(jnp.where(mask, head >> CHUNK_BITS, head)).astype(jnp.float64))
+  head = jnp.where(mask, head >> CHUNK_BITS, head)
+  return BitStack(
+      head=_split_like(head, stack.head),
+      tail=stack.tail.at[index].set(chunks, mode="drop", unique_indices=True),
+      ptr=stack.ptr + count,
+      overflow=stack.overflow | (stack.ptr + count > capacity),
+      bound=jnp.max(head).astype(jnp.float64),
+  )
 
 
 def _refill(stack, masks):
@@ -346,18 +344,11 @@ def multiply(stack, values, numerators, min_base, denominator_bits=None, shards=
   # others are >= B >= L). While the bound shows that no head is near a threshold, the masks,
   # the scan and the scatter are skipped: spills cluster in a few steps, since all heads grow
   # at the same rate.
-  spills = lambda heads: [h >= (p[3] << CHUNK_BITS) for h, p in zip(heads, parts)]
-  # The branch taken comes out of the conditional and gates the heads' shift, so that the shift
-  # (and the in-place update of the heads after it) is ordered after the branch's reads.
-  tail, ptr, overflow, bound, spilled = jax.lax.cond(
+  stack = _at_most_once(
       stack.bound >= min_base * 2.0**CHUNK_BITS,
-      lambda st: (*_spill(st, spills(st.head)), jnp.ones((), jnp.bool_)),
-      lambda st: (st.tail, st.ptr, st.overflow, st.bound, jnp.zeros((), jnp.bool_)), stack)
-  spilled = [jnp.where(spilled & m, h >> CHUNK_BITS, h)
-             for h, m in zip(stack.head, spills(stack.head))]
-  stack = stack._replace(tail=tail, ptr=ptr, overflow=overflow, bound=bound)
+      lambda st: _spill(st, [h >= (p[3] << CHUNK_BITS) for h, p in zip(st.head, parts)]), stack)
   heads, out = [], []
-  for head, (quotient, low, start, base), n in zip(spilled, parts, numerators):
+  for head, (quotient, low, start, base), n in zip(stack.head, parts, numerators):
     s = (head << k) + low  # < 2**32 * L * 2**k <= 2**(32 + 2k) <= 2**64: no uint64 overflow.
     # head < 2**48 and low < 2**k convert exactly; their sum rounds once, like s would.
     s_float = exact_float(head) * 2.0**k + exact_float(low)
