@@ -568,29 +568,44 @@ def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, m
   """Meta-steps of ``meta_optimizer`` on the full-horizon exact hypergradient
   (``programs["hypergradients"]`` over ``keys_for(i)``, averaged) of the parameterisation
   ``to_hp(theta)``, expected to run ``num_steps`` times; with ``spread_history``, each step's
-  spread across seeds is appended."""
+  spread across seeds is appended.
+
+  Each hypergradient comes with the validation loss of the point it was taken at. With
+  ``config.keep_best``, every candidate is the point with the lowest such loss so far (as the
+  searches keep their best trial): a meta-step that overshoots, or a schedule that diverges on
+  one seed, is not what is scored. Without it, every candidate is the point just stepped to.
+  """
   optimizer = meta_optimizer(c, c.meta_step if meta_step is None else meta_step, num_steps)
   state = optimizer.init(theta)
+  best = None  # (mean validation loss, meta-steps taken, hp) of the best point evaluated
   for i in range(10 ** 9):
     hp, pullback = jax.vjp(to_hp, theta)
     # One seed at a time through one compiled program: on a CPU, a vmap of reversible runs
     # is slower than running them one after the other.
     losses, per_seed = concatenate([programs["hypergradients"](hp, k[None]) for k in keys_for(i)])
+    loss = float(jnp.mean(losses))
+    if best is None or loss < best[0]:  # a NaN loss is never the best
+      best = (loss, i, hp)
     (grad,) = pullback(jax.tree.map(lambda g: jnp.mean(g, axis=0), per_seed))
     if spread_history is not None and losses.shape[0] > 1:
       per_step = revhyper.meta.hypergradient_variance(per_seed)
       family = revhyper.meta.hypergradient_variance(jax.vmap(lambda g: pullback(g)[0])(per_seed))
       spread_history.append({
-          "iteration": i, "meta_loss": float(jnp.mean(losses)),
+          "iteration": i, "meta_loss": loss,
           "signal_to_noise_per_step": float(per_step.signal_to_noise),
           "mean_cosine_per_step": float(per_step.mean_cosine),
           "signal_to_noise_family": float(family.signal_to_noise),
           "mean_cosine_family": float(family.mean_cosine)})
     updates, state = optimizer.update(grad, state, theta)
     theta = optax.apply_updates(theta, updates)
-    logging.info("meta-iteration %d: validation loss %.4f", i, float(jnp.mean(losses)))
-    yield {"id": f"step{i + 1}", "kind": "schedule", "hp": to_hp(theta),
-           "found": {"meta_iterations": i + 1, "last_meta_loss": float(jnp.mean(losses))}}
+    logging.info("meta-iteration %d: validation loss %.4f", i, loss)
+    found = {"meta_iterations": i + 1, "last_meta_loss": loss}
+    if c.keep_best and math.isfinite(best[0]):
+      found.update(kept_point_meta_steps=best[1], kept_point_meta_loss=best[0])
+      # The id names the point, so that a point kept over several steps is scored once.
+      yield {"id": f"point{best[1]}", "kind": "schedule", "hp": best[2], "found": found}
+    else:
+      yield {"id": f"point{i + 1}", "kind": "schedule", "hp": to_hp(theta), "found": found}
 
 
 def truncated_learner(task, theta, programs, search_keys, c, num_steps=None):
@@ -609,15 +624,19 @@ def truncated_learner(task, theta, programs, search_keys, c, num_steps=None):
 # Compute accounting and scoring
 
 
-def measured_seconds(fn, *args, repeats=2):
-  """The fastest of ``repeats`` timed calls of ``fn(*args)``, after one that compiles it."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    tick = time.perf_counter()
+def measured_seconds(calls, repeats):
+  """Per name, the fastest of ``repeats`` timed calls of ``fn(*args)`` (``calls[name] = (fn,
+  args)``), after one that compiles each; the calls alternate between the names, so that a
+  change in the machine's load falls on every unit of work alike, not on one of the ratios."""
+  for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - tick)
-  return min(times)
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      tick = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - tick)
+  return {name: min(t) for name, t in times.items()}
 
 
 def with_cost(steps, cost):
@@ -672,12 +691,25 @@ def summary_of(task, candidate):
   return found
 
 
+def selected_contenders(c):
+  """``config.contenders`` in the benchmark's order (all of them when empty), checked."""
+  unknown = sorted(set(c.contenders) - set(CONTENDERS))
+  if unknown:
+    raise ValueError(f"config.contenders: unknown {unknown}; choose from {CONTENDERS}")
+  return [n for n in CONTENDERS if not c.contenders or n in c.contenders]
+
+
 def verdict(task_name, contenders):
   """One sentence: the better full-horizon hypergradient contender (by held-out validation
   error) against the best other one (likewise), on test error, at two standard errors."""
   pick = lambda names: min(names, key=lambda n: contenders[n]["valid_error"]["mean"])
-  hyper = pick([n for n in HYPERGRADIENT_CONTENDERS if n in contenders])
-  other = pick([n for n in contenders if n not in HYPERGRADIENT_CONTENDERS])
+  hypers = [n for n in HYPERGRADIENT_CONTENDERS if n in contenders]
+  others = [n for n in contenders if n not in HYPERGRADIENT_CONTENDERS]
+  if not hypers or not others:  # config.contenders left one side out
+    return {"outcome": None, "sentence": f"{task_name}: no verdict (config.contenders holds "
+                                         f"{'no hypergradient' if not hypers else 'no other'} "
+                                         f"contender)"}
+  hyper, other = pick(hypers), pick(others)
   a, b = contenders[hyper]["test_error"], contenders[other]["test_error"]
   diff = a["mean"] - b["mean"]
   se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
@@ -707,17 +739,14 @@ def run_task(task, c):
   avg_keys = lambda i: search_keys(i, c.avg_seeds)
 
   # Costs, measured here: one training run, then each other unit of work over it.
-  repeats = c.timing_repeats
-  run_seconds = measured_seconds(programs["evaluate"], base_hp, search_keys(0, 1),
-                                 repeats=repeats)
-  seconds = {
-      "hypergradient": measured_seconds(programs["hypergradients"], base_hp, search_keys(0, 1),
-                                        repeats=repeats),
-      "hypergradient_descent": measured_seconds(programs["hd_search"], jnp.float32(0.01),
-                                                search_keys(0)[0], base_hp, repeats=repeats),
-      "truncated": measured_seconds(programs["truncated"], free_theta(task, start),
-                                    search_keys(0)[0], repeats=repeats),
-  }
+  seconds = measured_seconds({
+      "run": (programs["evaluate"], (base_hp, search_keys(0, 1))),
+      "hypergradient": (programs["hypergradients"], (base_hp, search_keys(0, 1))),
+      "hypergradient_descent": (programs["hd_search"],
+                                (jnp.float32(0.01), search_keys(0)[0], base_hp)),
+      "truncated": (programs["truncated"], (free_theta(task, start), search_keys(0)[0])),
+  }, c.timing_repeats)
+  run_seconds = seconds.pop("run")
   # The smooth family's unit runs the same program once per seed (its own mapping to the
   # schedules costs microseconds): avg_seeds times one measured hypergradient, so that the two
   # full-horizon contenders are charged consistently on a busy machine.
@@ -773,7 +802,7 @@ def run_task(task, c):
     return {k: common.mean_sd(out[k]) for k in ("test_error", "valid_error", "test_loss")}
 
   contenders = {}
-  for name in CONTENDERS:
+  for name in selected_contenders(c):
     began = time.time()
     curve = run_contender(steps[name], c.budget_runs, c.checkpoints, score)
     last = curve[-1]

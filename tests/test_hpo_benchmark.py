@@ -215,7 +215,8 @@ def test_meta_step_decays_to_nothing_over_the_affordable_steps():
 
   def moves(decay):
     learner = hpo.gradient_learner(lambda theta: theta, {"x": jnp.zeros(3)}, programs, keys_for,
-                                   tiny_config(meta_step=0.1, meta_step_decay=decay),
+                                   tiny_config(meta_step=0.1, meta_step_decay=decay,
+                                               keep_best=False),
                                    num_steps=20)
     xs = [np.asarray(step["hp"]["x"]) for _, step in zip(range(20), learner)]
     return [float(np.abs(b - a).max()) for a, b in zip(xs, xs[1:])]
@@ -224,3 +225,34 @@ def test_meta_step_decays_to_nothing_over_the_affordable_steps():
   # Adam's steps are about the step size whatever the noise: fixed ones keep moving, decayed
   # ones stop by the last affordable step.
   assert min(fixed[-3:]) > 0.02 and max(decayed[-2:]) < 0.005 and decayed[0] > 0.05
+
+
+def test_gradient_learner_offers_the_best_point_it_has_evaluated():
+  programs, keys_for = noisy_quadratic(0.0, 1)  # the loss of a point is exact: |x - 1|**2
+  loss = lambda hp: float(jnp.sum((hp["x"] - 1.0) ** 2))
+
+  def offered(keep_best):
+    # A fixed step of 2 from 0 overshoots the minimum at 1 and oscillates about it.
+    learner = hpo.gradient_learner(lambda theta: theta, {"x": jnp.zeros(3)}, programs, keys_for,
+                                   tiny_config(meta_step=2.0, meta_step_decay=False,
+                                               keep_best=keep_best))
+    return [step for _, step in zip(range(12), learner)]
+
+  kept, last = offered(True), offered(False)
+  # Each kept point is the start or a point stepped to before, and the best loss so far.
+  evaluated = [{"x": jnp.zeros(3)}] + [step["hp"] for step in last]
+  for i, step in enumerate(kept):
+    assert step["id"] == f"point{step['found']['kept_point_meta_steps']}"
+    assert loss(step["hp"]) == min(loss(hp) for hp in evaluated[:i + 1])
+  assert loss(kept[-1]["hp"]) < 0.5 * loss(last[-1]["hp"])  # the oscillation's last point
+
+
+def test_contenders_can_be_chosen_and_the_verdict_needs_both_sides():
+  assert hpo.selected_contenders(tiny_config()) == list(hpo.CONTENDERS)
+  chosen = tiny_config(contenders=("tpe_then_hypergradient", "random_constant"))
+  assert hpo.selected_contenders(chosen) == ["random_constant", "tpe_then_hypergradient"]
+  with pytest.raises(ValueError, match="config.contenders: unknown \\['optuna'\\]"):
+    hpo.selected_contenders(tiny_config(contenders=("optuna",)))
+  score = {"test_error": {"mean": 0.1, "sd": 0.01, "n": 20}, "valid_error": {"mean": 0.1}}
+  assert hpo.verdict("t", {"random_constant": score})["outcome"] is None
+  assert hpo.verdict("t", {"random_constant": score, "hypergradient": score})["outcome"] == "ties"

@@ -15,6 +15,9 @@ def get_config(preset="paper"):
   # (c.conv_channels, 3x3 stride-2 tanh convolutions, then a linear layer; no BatchNorm);
   # optimizer sgd (momentum SGD) or adamw.
   c.tasks = ("mlp:sgd:100", "mlp:adamw:100", "convnet:sgd:100", "mlp:sgd:1000")
+  # The contenders to run, by name (empty: every one); the verdict needs a hypergradient
+  # contender and another.
+  c.contenders = ()
   c.layer_sizes = (784, 50, 50, 50, 10)
   c.conv_channels = (8, 16)
   c.batch_size = 200
@@ -53,6 +56,9 @@ def get_config(preset="paper"):
   # The meta-step decays along a cosine to 0 over the meta-steps the budget affords (False: a
   # fixed step, which near the optimum follows the hypergradient's noise across seeds).
   c.meta_step_decay = True
+  # Each hypergradient comes with the validation loss of its point: the gradient-based
+  # contenders offer the best point so far by that loss (False: the point just stepped to).
+  c.keep_best = True
   # The smooth family: warmup-cosine with learned peak, momentum, weight decay and init scale,
   # times exp of this many cosine basis functions of t per weight type; its hypergradient is
   # averaged over avg_seeds seeds per meta-iteration.
@@ -64,7 +70,9 @@ def get_config(preset="paper"):
   # Scoring: what each contender found trains this many fresh seeds (never used in the search)
   # and is measured on the test split.
   c.eval_seeds = 20
-  c.timing_repeats = 2  # timed calls per measured cost (after one that compiles)
+  # Timed calls per measured cost, alternating between the units (after one that compiles
+  # each): the fastest counts.
+  c.timing_repeats = 5
   if preset == "quick":  # a smoke run: the launcher's docstring states its CPU time
     c.split = (600, 300, 300)
     c.tasks = ("mlp:adamw:10", "convnet:sgd:10")  # both optimizers, both models
