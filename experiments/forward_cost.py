@@ -9,9 +9,14 @@ median of --repeats calls of:
   forward_float  jit(meta) with method="unroll": float training, no gradient
   forward_exact  jit(meta) with method="reversible": training on the integer grid, no gradient
   unroll         jit(grad(meta)) with method="unroll": store-all backprop
+  remat          jit(grad(meta)) with method=Checkpoint(segment_length=1): backprop that
+                 recomputes each step's gradient from its stored input, the float floor of
+                 any method that keeps no activations (reversal recomputes each step too)
   reversible     jit(grad(meta)) with method="reversible": exact reversal
+  reversible_unshared  (not timed by default) the same with Reversible(share_gradient=False):
+                 the gradient recomputed apart from the Hessian-vector products
 
-and the ratios exact / float and reversible / unroll. With --pieces, it also times the per-lane
+and the ratios exact / float, reversible / unroll, remat / unroll and reversible / remat. With --pieces, it also times the per-lane
 operations of one exact step in isolation, each in a ``lax.scan`` of T steps over arrays shaped
 like the network's weights: the momentum's rANS multiply (``_bitstack.multiply``), the
 conversions to and from the grid (``_fixed_point.to_fixed``, ``to_float``), an exact addition
@@ -52,7 +57,8 @@ flags.DEFINE_list("widths", None, "Hidden widths to sweep instead of --sizes: ea
 flags.DEFINE_integer("batch_size", 100, "Minibatch size.")
 flags.DEFINE_integer("steps", 40, "Training length T.")
 flags.DEFINE_integer("repeats", 7, "Timed calls per method after the warm-up.")
-flags.DEFINE_list("methods", ["forward_float", "forward_exact", "unroll", "reversible"],
+flags.DEFINE_list("methods",
+                  ["forward_float", "forward_exact", "unroll", "remat", "reversible"],
                   "Methods to time.")
 flags.DEFINE_boolean("pieces", False, "Also time the per-lane operations of an exact step.")
 flags.DEFINE_integer("num_train", 9000, "Training digits.")
@@ -60,7 +66,8 @@ flags.DEFINE_integer("num_val", 100, "Validation digits of the meta-objective: f
                      "the final evaluation, alike for every method, does not hide the training.")
 flags.DEFINE_string("out_dir", "/tmp/forward_cost", "Where results.json goes.")
 
-METHODS = ("forward_float", "forward_exact", "unroll", "reversible")
+METHODS = ("forward_float", "forward_exact", "unroll", "remat", "reversible",
+           "reversible_unshared")
 MOMENTUM, LEARNING_RATE, INIT_SCALE, L2 = 0.9, math.exp(-1.0), math.exp(-3.0), 1e-4
 
 
@@ -91,7 +98,10 @@ def build(sizes):
       "forward_float": jax.jit(lambda h: meta(h, "unroll")),
       "forward_exact": jax.jit(lambda h: meta(h, "reversible")),
       "unroll": jax.jit(jax.grad(lambda h: meta(h, "unroll"))),
+      "remat": jax.jit(jax.grad(lambda h: meta(h, revhyper.Checkpoint(segment_length=1)))),
       "reversible": jax.jit(jax.grad(lambda h: meta(h, "reversible"))),
+      "reversible_unshared": jax.jit(jax.grad(
+          lambda h: meta(h, revhyper.Reversible(share_gradient=False)))),
   }
   num_weights = sum(int(p.size) for p in jax.tree.leaves(params))
   return fns, params, num_weights
@@ -173,6 +183,10 @@ def measure(sizes):
     ratios["exact_over_float_training"] = medians["forward_exact"] / medians["forward_float"]
   if "unroll" in medians and "reversible" in medians:
     ratios["reversible_over_unroll"] = medians["reversible"] / medians["unroll"]
+  if "unroll" in medians and "remat" in medians:
+    ratios["remat_over_unroll"] = medians["remat"] / medians["unroll"]
+  if "remat" in medians and "reversible" in medians:
+    ratios["reversible_over_remat"] = medians["reversible"] / medians["remat"]
   record["ratios"] = ratios
   if FLAGS.pieces:
     with jax.enable_x64(True):
