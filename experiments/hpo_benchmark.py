@@ -42,8 +42,10 @@ Contenders:
 The gradient-based contenders all meta-step with ``optax.adam(config.meta_step)`` after
 ``revhyper.meta.clip_hypergradient(config.max_hypergrad_norm)``, which also turns the
 hypergradient of a diverged run into no step; with ``config.meta_step_decay`` (the default)
-the step decays along a cosine to 0 over the meta-steps the budget affords them. They start at
-the defaults of the config; the searches sample the whole space.
+the step decays along a cosine to 0 over the meta-steps the budget affords them; with
+``config.keep_best`` (the default), each offers the point with the lowest validation loss it has
+evaluated so far, as the searches offer their best trial. They start at the defaults of the
+config; the searches sample the whole space. ``config.contenders`` runs only some of them.
 
 Compute: one training run is the time of one jit-compiled training run and its evaluation,
 measured in this run (after compiling); every other unit of work (one hypergradient, one
@@ -58,12 +60,12 @@ spread across seeds, the verdict, and ``contenders[<name>]`` with ``compute_runs
 and what was ``found``) and ``hpo_benchmark.png``: best-found held-out test error against
 compute, per task, with bands of one sd over the fresh seeds; both are rewritten after every
 task, so a partial run keeps what it finished. Wall time of the paper preset on 2 quiet CPU
-cores: 2.4 and 2.8 minutes for the two T = 100 MLP tasks, 26 for the convnet and 29 for
-T = 1000, about an hour in all (docs/hpo.rst).
+cores: 2.6 minutes for each T = 100 MLP task, 15 for the convnet and 18 for T = 1000, 38 in all
+(docs/hpo.rst).
 
 Run from the repository root::
 
-  python experiments/hpo_benchmark.py --out_dir results/hpo   # ~1 h on 2 CPU cores
+  python experiments/hpo_benchmark.py --out_dir results/hpo   # ~40 min on 2 CPU cores
   python experiments/hpo_benchmark.py --config=experiments/configs/hpo_benchmark.py:quick \\
       --out_dir /tmp/hpo_quick                                  # under 60 CPU-seconds
 """

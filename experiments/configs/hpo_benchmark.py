@@ -15,8 +15,8 @@ def get_config(preset="paper"):
   # (c.conv_channels, 3x3 stride-2 tanh convolutions, then a linear layer; no BatchNorm);
   # optimizer sgd (momentum SGD) or adamw.
   c.tasks = ("mlp:sgd:100", "mlp:adamw:100", "convnet:sgd:100", "mlp:sgd:1000")
-  # The contenders to run, by name (empty: every one); the verdict needs a hypergradient
-  # contender and another.
+  # The contenders to run, by name (empty: every one), e.g. --config.contenders="('tpe_constant',
+  # 'hypergradient')"; the verdict needs a hypergradient contender and another.
   c.contenders = ()
   c.layer_sizes = (784, 50, 50, 50, 10)
   c.conv_channels = (8, 16)
