@@ -10,17 +10,17 @@ median of --repeats calls of:
   forward_exact  jit(meta) with method="reversible": training on the integer grid, no gradient
   unroll         jit(grad(meta)) with method="unroll": store-all backprop
   remat          jit(grad(meta)) with method=Checkpoint(segment_length=1): backprop that
-                 recomputes each step's gradient from its stored input, the float floor of
-                 any method that keeps no activations (reversal recomputes each step too)
+                 recomputes each step's gradient from its stored input, as reversal does
   reversible     jit(grad(meta)) with method="reversible": exact reversal
   reversible_unshared  (not timed by default) the same with Reversible(share_gradient=False):
                  the gradient recomputed apart from the Hessian-vector products
 
-and the ratios exact / float, reversible / unroll, remat / unroll and reversible / remat. With --pieces, it also times the per-lane
-operations of one exact step in isolation, each in a ``lax.scan`` of T steps over arrays shaped
-like the network's weights: the momentum's rANS multiply (``_bitstack.multiply``), the
-conversions to and from the grid (``_fixed_point.to_fixed``, ``to_float``), an exact addition
-and a range check, against a float multiply-add of the same arrays (the floor: one pass).
+and the ratios exact / float, reversible / unroll, remat / unroll and reversible / remat. With
+--pieces, it also times the per-lane operations of one exact step in isolation, each in a
+``lax.scan`` of T steps over arrays shaped like the network's weights: the momentum's rANS
+multiply (``_bitstack.multiply``), the conversions to and from the grid
+(``_fixed_point.to_fixed``, ``to_float``), an exact addition and a range check, against a float
+multiply-add of the same arrays (the floor: one pass).
 
 Writes ``results.json`` to --out_dir (machine, command, per network: weights, median times,
 ratios and the pieces) and prints a table.
