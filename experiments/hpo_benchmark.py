@@ -586,7 +586,8 @@ def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, m
     # is slower than running them one after the other.
     losses, per_seed = concatenate([programs["hypergradients"](hp, k[None]) for k in keys_for(i)])
     loss = float(jnp.mean(losses))
-    if best is None or loss < best[0]:  # a NaN loss is never the best
+    # A diverged point (a loss not finite) is never kept, nor does it block later ones.
+    if math.isfinite(loss) and (best is None or loss < best[0]):
       best = (loss, i, hp)
     (grad,) = pullback(jax.tree.map(lambda g: jnp.mean(g, axis=0), per_seed))
     if spread_history is not None and losses.shape[0] > 1:
@@ -602,7 +603,7 @@ def gradient_learner(to_hp, theta, programs, keys_for, c, spread_history=None, m
     theta = optax.apply_updates(theta, updates)
     logging.info("meta-iteration %d: validation loss %.4f", i, loss)
     found = {"meta_iterations": i + 1, "last_meta_loss": loss}
-    if c.keep_best and math.isfinite(best[0]):
+    if c.keep_best and best is not None:
       found.update(kept_point_meta_steps=best[1], kept_point_meta_loss=best[0])
       # The id names the point, so that a point kept over several steps is scored once.
       yield {"id": f"point{best[1]}", "kind": "schedule", "hp": best[2], "found": found}
@@ -635,9 +636,7 @@ def measured_seconds(calls, repeats):
   times = {name: [] for name in calls}
   for _ in range(repeats):
     for name, (fn, args) in calls.items():
-      tick = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - tick)
+      times[name].append(common.timed_call(fn, *args)[0])
   return {name: min(t) for name, t in times.items()}
 
 
@@ -859,6 +858,7 @@ def main(argv):
   for spec in c.tasks:
     if int(spec.split(":")[-1]) % c.window:
       raise app.UsageError(f"config.window={c.window} must divide every task's steps: {spec}")
+  selected_contenders(c)  # an unknown name fails here, not after the first task's searches
   out_dir = common.prepare_out_dir(FLAGS.out_dir)
   data, note = common.load_mnist_splits(c.mnist_dir, tuple(c.split), c.seed,
                                         ("train", "valid", "test"))

@@ -246,6 +246,22 @@ def test_gradient_learner_offers_the_best_point_it_has_evaluated():
     assert loss(step["hp"]) == min(loss(hp) for hp in evaluated[:i + 1])
   assert loss(kept[-1]["hp"]) < 0.5 * loss(last[-1]["hp"])  # the oscillation's last point
 
+  # A start whose loss is not finite (a diverged run) is never kept, nor blocks later points.
+  calls = []
+
+  def diverged_first(hp, keys):
+    losses, per_seed = programs["hypergradients"](hp, keys)
+    calls.append(None)
+    return (jnp.full_like(losses, jnp.nan) if len(calls) == 1 else losses), per_seed
+
+  learner = hpo.gradient_learner(lambda theta: theta, {"x": jnp.zeros(3)},
+                                 {"hypergradients": diverged_first}, keys_for,
+                                 tiny_config(meta_step=2.0, meta_step_decay=False))
+  after = [step for _, step in zip(range(12), learner)]
+  assert after[0]["id"] == "point1"  # nothing finite evaluated yet: the point stepped to
+  assert all(step["id"] != "point0" for step in after)
+  assert loss(after[-1]["hp"]) == min(loss(hp) for hp in evaluated[1:12])
+
 
 def test_contenders_can_be_chosen_and_the_verdict_needs_both_sides():
   assert hpo.selected_contenders(tiny_config()) == list(hpo.CONTENDERS)
