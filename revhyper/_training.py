@@ -394,9 +394,12 @@ def _check_finite_tree(tree, name):
   Traced values are checked inside the program instead (``initial_values_not_finite``).
   """
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    finite = jnp.isfinite(leaf)
-    # Reduced where the values are (one scalar comes back), concrete also under an eager grad.
-    if _schedules.concrete_value(jnp.all(finite)) == np.bool_(False):
+    # Reduced where the values are (one scalar comes back), concrete also under an eager grad
+    # and, for a value closed over by a jitted function, at trace time.
+    with jax.ensure_compile_time_eval():
+      finite = jnp.isfinite(leaf)
+      all_finite = _schedules.concrete_value(jnp.all(finite))
+    if all_finite == np.bool_(False):
       where = np.argwhere(~_schedules.concrete_value(finite))[:3].tolist()
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} must be finite: it holds NaN or "
                        f"inf (at indices {where}); training from it cannot be reversed.")
@@ -678,10 +681,33 @@ def _unflatten_running(problem, leaves):
   return jax.tree_util.tree_unflatten(problem.running.treedef, leaves)
 
 
+def _opaque(x):
+  return jax.lax.optimization_barrier(x) if not isinstance(x, jax.core.Tracer) else x
+
+
+def _with_opaque_constants(problem):
+  """The problem with concrete initial values passed through an optimization barrier.
+
+  Inside a traced function (``jit``) a concrete initial value (weights or optimizer states
+  closed over) is a constant of the program, and XLA evaluates at compile time whatever
+  depends on constants alone: the finiteness check and, for exact methods, the conversion onto
+  the integer grid, which its constant folder runs element by element (seconds per million
+  weights). Nothing is gained by folding them: each runs once per call.
+  """
+  running = problem.running
+  if running is not None:
+    running = running._replace(leaves=[_opaque(x) for x in running.leaves])
+  return problem._replace(params=[_opaque(x) for x in problem.params],
+                          slots=tuple([_opaque(x) for x in s] for s in problem.slots),
+                          running=running)
+
+
 def run(method, problem):
   """Runs ``problem`` with ``method``; returns ``(params, slots, running, stats)`` as pytrees
   (``running``, the final running averages of the model state, is None without one)."""
   method = resolve_method(method)
+  if not _at_top_level((problem.params, problem.slots, _running_leaves(problem))):
+    problem = _with_opaque_constants(problem)
   problem = _with_initial_values_checked(problem)
   if isinstance(method, Reversible):
     _check_reversible(problem)
