@@ -14,8 +14,13 @@ median of --repeats calls of:
   reversible     jit(grad(meta)) with method="reversible": exact reversal
   reversible_unshared  (not timed by default) the same with Reversible(share_gradient=False):
                  the gradient recomputed apart from the Hessian-vector products
+  probe_float64_lanes  (not timed by default) a cost probe, not a method: exact training's
+                 arithmetic with its integers held in float64 lanes instead of int64 ones
+                 (``float64_lane_training``), to see what 53-bit vector float arithmetic, native
+                 on CPUs without AVX-512, would save
 
-and the ratios exact / float, reversible / unroll, remat / unroll and reversible / remat. With
+and the ratios exact / float, reversible / unroll, remat / unroll, reversible / remat and
+probe / float. With
 --pieces, it also times the per-lane operations of one exact step in isolation, each in a
 ``lax.scan`` of T steps over arrays shaped like the network's weights: the momentum's rANS
 multiply (``_bitstack.multiply``), the conversions to and from the grid
@@ -67,7 +72,7 @@ flags.DEFINE_integer("num_val", 100, "Validation digits of the meta-objective: f
 flags.DEFINE_string("out_dir", "/tmp/forward_cost", "Where results.json goes.")
 
 METHODS = ("forward_float", "forward_exact", "unroll", "remat", "reversible",
-           "reversible_unshared")
+           "reversible_unshared", "probe_float64_lanes")
 MOMENTUM, LEARNING_RATE, INIT_SCALE, L2 = 0.9, math.exp(-1.0), math.exp(-3.0), 1e-4
 
 
@@ -88,11 +93,14 @@ def build(sizes):
     logits = revhyper.models.mlp_apply(w, x[idx])
     return revhyper.models.softmax_cross_entropy(logits, y[idx]) + jnp.exp(log_l2) * penalty
 
+  def validation_loss(w):
+    logits = revhyper.models.mlp_apply(w, x[n_train:])
+    return revhyper.models.softmax_cross_entropy(logits, y[n_train:])
+
   def meta(log_l2, method):
     out = revhyper.sgd(train_loss, params, log_l2, num_steps=FLAGS.steps,
                        learning_rate=LEARNING_RATE, momentum=MOMENTUM, method=method)
-    logits = revhyper.models.mlp_apply(out.params, x[n_train:])
-    return revhyper.models.softmax_cross_entropy(logits, y[n_train:])
+    return validation_loss(out.params)
 
   fns = {
       "forward_float": jax.jit(lambda h: meta(h, "unroll")),
@@ -103,21 +111,78 @@ def build(sizes):
       "reversible_unshared": jax.jit(jax.grad(
           lambda h: meta(h, revhyper.Reversible(share_gradient=False)))),
   }
+  fns["probe_float64_lanes"] = jax.jit(lambda h: validation_loss(
+      float64_lane_training(train_loss, params, h, FLAGS.steps)))
   num_weights = sum(int(p.size) for p in jax.tree.leaves(params))
   return fns, params, num_weights
 
 
+PROBE_FRACTIONAL_BITS = 40  # |w|, |v| < 2**11 on a 2**-40 grid, in the 2**51 a float64 holds
+
+
+def float64_lane_training(train_loss, params, log_l2, steps):
+  """A cost probe: exact momentum-SGD training whose integers live in float64 lanes.
+
+  The arithmetic of ``revhyper.sgd``'s exact forward step (the rANS multiply by the momentum
+  ``n / 2**16`` with its head, the rounded increments, a range check) on integers below
+  2**51 held in float64, where every operation is a vector instruction on any x86 CPU, instead
+  of int64 lanes, whose multiplies and conversions CPUs without AVX-512 emulate. Heads start at
+  2**16 and are never spilled, which is exact while ``head * 2**16 + r < 2**53``, i.e. for
+  ``steps * log2(2**16 / n) < 21`` (138 steps at momentum 0.9): enough to time a short run, not
+  a method. Returns the final weights (NaN where a value left the range).
+  """
+  n = round(MOMENTUM * 2**16)
+  if steps * math.log2(2**16 / n) >= 21:
+    raise ValueError(f"probe_float64_lanes spills no head: steps must stay below "
+                     f"{21 / math.log2(2**16 / n):.0f} at momentum {MOMENTUM}, got {steps}")
+  scale = 2.0**PROBE_FRACTIONAL_BITS
+  with jax.enable_x64(True):
+    def lane(w, v, head, g):
+      quotient = jnp.floor(v * 2.0**-16)  # v = quotient * 2**16 + r, exactly
+      s = head * 2.0**16 + (v - quotient * 2.0**16)  # push r: below 2**53, exact
+      head = jnp.floor(s * (1.0 / n))  # the floor, or one off: corrected below
+      x = s - head * n  # pop x in [0, n)
+      head = jnp.where(x < 0, head - 1, jnp.where(x >= n, head + 1, head))
+      x = jnp.where(x < 0, x + n, jnp.where(x >= n, x - n, x))
+      v = quotient * n + x - jnp.round(g.astype(jnp.float64) * ((1 - MOMENTUM) * scale))
+      w = w + jnp.round(LEARNING_RATE * v)
+      return w, v, head, (jnp.abs(v) < 2.0**51) & (jnp.abs(w) < 2.0**51)
+
+    def step(carry, t):
+      w, v, head, ok = carry
+      g = jax.grad(train_loss)(jax.tree.map(
+          lambda x: (x * 2.0**-PROBE_FRACTIONAL_BITS).astype(jnp.float32), w), log_l2, t)
+      out = jax.tree.map(lane, w, v, head, g)
+      parts = [jax.tree.map(lambda o, i=i: o[i], out, is_leaf=lambda o: isinstance(o, tuple))
+               for i in range(4)]
+      return (*parts[:3], ok & jnp.all(jnp.stack([jnp.all(x)
+                                                  for x in jax.tree.leaves(parts[3])]))), None
+
+    # (the barrier keeps XLA from converting the closed-over weights at compile time)
+    w = jax.tree.map(lambda x: jnp.round(x.astype(jnp.float64) * scale),
+                     jax.lax.optimization_barrier(params))
+    init = (w, jax.tree.map(jnp.zeros_like, w),
+            jax.tree.map(lambda x: jnp.full_like(x, 2.0**16), w), jnp.bool_(True))
+    (w, _, _, ok), _ = jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))
+    return jax.tree.map(lambda x: jnp.where(ok, x * 2.0**-PROBE_FRACTIONAL_BITS, jnp.nan)
+                        .astype(jnp.float32), w)
+
+
 def time_round_robin(fns, args, repeats):
-  """Median seconds per call of each function, calls alternating between them."""
-  for fn in fns.values():  # compile and warm up
-    jax.block_until_ready(fn(*args))
+  """Median seconds per call of each function, calls alternating between them, each
+  function's first output and the seconds of its first call (compilation included)."""
+  outputs, first_call = {}, {}
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    outputs[name] = jax.block_until_ready(fn(*args))
+    first_call[name] = time.perf_counter() - start
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}, times
+  return {name: statistics.median(t) for name, t in times.items()}, times, (outputs, first_call)
 
 
 def piece_functions(params, steps):
@@ -175,9 +240,12 @@ def measure(sizes):
   fns, params, num_weights = build(sizes)
   fns = {name: fns[name] for name in METHODS if name in FLAGS.methods}
   log_l2 = jnp.float32(math.log(L2))
-  medians, all_times = time_round_robin(fns, (log_l2,), FLAGS.repeats)
+  medians, all_times, (outputs, first_call) = time_round_robin(fns, (log_l2,), FLAGS.repeats)
+  # The validation loss after training, or its hypergradient: alike across the methods of each
+  # kind (the exact ones on the integer grid, within float32 rounding of the float ones).
   record = {"sizes": sizes, "num_weights": num_weights, "median_s": medians,
-            "times_s": all_times}
+            "times_s": all_times, "first_call_s": first_call,
+            "values": {k: float(v) for k, v in outputs.items()}}
   ratios = {}
   if "forward_float" in medians and "forward_exact" in medians:
     ratios["exact_over_float_training"] = medians["forward_exact"] / medians["forward_float"]
@@ -187,11 +255,14 @@ def measure(sizes):
     ratios["remat_over_unroll"] = medians["remat"] / medians["unroll"]
   if "remat" in medians and "reversible" in medians:
     ratios["reversible_over_remat"] = medians["reversible"] / medians["remat"]
+  if "forward_float" in medians and "probe_float64_lanes" in medians:
+    ratios["probe_over_float_training"] = (medians["probe_float64_lanes"]
+                                           / medians["forward_float"])
   record["ratios"] = ratios
   if FLAGS.pieces:
     with jax.enable_x64(True):
       pieces = {name: jax.jit(fn) for name, fn in piece_functions(params, FLAGS.steps).items()}
-      piece_medians, _ = time_round_robin(pieces, (), FLAGS.repeats)
+      piece_medians, _, _ = time_round_robin(pieces, (), FLAGS.repeats)
     lane_steps = num_weights * FLAGS.steps
     record["pieces_ns_per_lane_step"] = {name: s / lane_steps * 1e9
                                          for name, s in piece_medians.items()}

@@ -4,7 +4,8 @@ Benchmarks are not tests: nothing here asserts a time. The launcher runs in a su
 user would run it, on a tiny network. Four methods cover its distinct paths (training alone,
 the store-all reference, a checkpointed float hypergradient, the reversible one) in eight
 compiles, about half a minute on two cores; a memory limit between unroll's plans at the two
-lengths makes it skip unroll at the longer one, as the GPU run must at T = 10,000.
+lengths makes it skip unroll at the longer one, as the GPU run must at T = 10,000. The
+forward-cost launcher runs beside it, as tiny.
 """
 
 import json
@@ -31,13 +32,21 @@ MEMORY_LIMIT_GB = 0.012
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+FORWARD_COST_METHODS = ["forward_float", "forward_exact", "reversible", "probe_float64_lanes"]
+
+
 def jobs(folder):
-  out_dir = folder("benchmark")
-  return {"quick": Job(
+  out_dir, cost_dir = folder("benchmark"), folder("forward_cost")
+  quick = Job(
       [sys.executable, SCRIPT, "--quick", f"--out_dir={out_dir}", "--sizes=784,8,10",
        "--steps=" + ",".join(map(str, STEPS)), "--methods=" + ",".join(METHODS),
        f"--memory_limit_gb={MEMORY_LIMIT_GB}", "--nomeasure_rss"], out_dir=out_dir,
-      timeout=300)}
+      timeout=300)
+  forward_cost = Job(
+      [sys.executable, os.path.join(ROOT, "experiments", "forward_cost.py"),
+       f"--out_dir={cost_dir}", "--widths=8", "--steps=6", "--repeats=1", "--num_train=600",
+       "--methods=" + ",".join(FORWARD_COST_METHODS)], out_dir=cost_dir, timeout=300)
+  return {"quick": quick, "forward_cost": forward_cost}
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +126,22 @@ def test_figures_are_png_files_and_the_table_is_printed(run):
   assert "x unroll" in stdout and "not run" in stdout
   for name in METHODS:
     assert name in stdout
+
+
+def test_forward_cost_times_each_method_and_the_probe_trains_like_the_methods(background_jobs):
+  done = background_jobs.results(jobs)["forward_cost"]
+  assert done.returncode == 0, done.stderr[-4000:]
+  with open(done.out_dir / "results.json") as f:
+    results = json.load(f)
+  (network,) = results["networks"]
+  assert network["sizes"] == [784, 8, 8, 8, 10] and network["num_weights"] == 6514
+  assert list(network["median_s"]) == FORWARD_COST_METHODS
+  assert all(t > 0 for t in network["median_s"].values())
+  assert all(network["first_call_s"][m] >= network["median_s"][m] for m in FORWARD_COST_METHODS)
+  assert set(network["ratios"]) == {"exact_over_float_training", "probe_over_float_training"}
+  # Exact training on either grid ends within float32 rounding of float training.
+  values = network["values"]
+  for method in ("forward_exact", "probe_float64_lanes"):
+    assert math.isclose(values[method], values["forward_float"], rel_tol=1e-4), values
+  assert math.isfinite(values["reversible"])
+  assert "exact_over_float_training" in done.stdout
