@@ -1,5 +1,7 @@
 """The rANS bit stack: the rational multiply and its exact inverse."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,36 +17,37 @@ def _run(v, numerators, capacity_chunks, groups=1):
   """Multiplies by every n_t in turn, then divides back; returns the states along the way.
 
   The lanes are cut into ``groups`` groups (like parameter leaves) with numerators n_t,
-  n_t - 1, ... (at least 1), so that groups spill at different steps.
+  n_t - 1, ... (at least 1), so that groups spill at different steps. The numerators are an
+  argument of one compiled program per shape, capacity and grouping.
   """
-  numerators = np.asarray(numerators, np.uint64)
-
-  @jax.jit
-  def go(v):
-    values = jnp.array_split(v, groups)
-    stack = _bitstack.empty([x.shape for x in values], capacity_chunks)
-
-    def per_group(n):
-      ns = [jnp.maximum(n - k, 1).astype(jnp.uint64) for k in range(groups)]
-      return ns, jnp.min(jnp.stack(ns)).astype(jnp.float64)
-
-    def forward(carry, n):
-      stack, values = carry
-      return _bitstack.multiply(stack, values, *per_group(n)), None
-
-    (stack, w), _ = jax.lax.scan(forward, (stack, values), numerators)
-    pushed = stack
-
-    def backward(carry, n):
-      stack, values = carry
-      return _bitstack.divide(stack, values, *per_group(n)), None
-
-    (popped, back), _ = jax.lax.scan(
-        backward, (_bitstack.for_popping(stack), w), numerators, reverse=True)
-    return pushed, jnp.concatenate(w), (popped, jnp.concatenate(back))
-
   with jax.enable_x64(True):
-    return go(jnp.asarray(v, jnp.int64))
+    return _round_trip(jnp.asarray(v, jnp.int64), jnp.asarray(numerators, jnp.uint64),
+                       capacity_chunks, groups)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _round_trip(v, numerators, capacity_chunks, groups):
+  values = jnp.array_split(v, groups)
+  stack = _bitstack.empty([x.shape for x in values], capacity_chunks)
+
+  def per_group(n):
+    ns = [jnp.maximum(n - k, 1).astype(jnp.uint64) for k in range(groups)]
+    return ns, jnp.min(jnp.stack(ns)).astype(jnp.float64)
+
+  def forward(carry, n):
+    stack, values = carry
+    return _bitstack.multiply(stack, values, *per_group(n)), None
+
+  (stack, w), _ = jax.lax.scan(forward, (stack, values), numerators)
+  pushed = stack
+
+  def backward(carry, n):
+    stack, values = carry
+    return _bitstack.divide(stack, values, *per_group(n)), None
+
+  (popped, back), _ = jax.lax.scan(
+      backward, (_bitstack.for_popping(stack), w), numerators, reverse=True)
+  return pushed, jnp.concatenate(w), (popped, jnp.concatenate(back))
 
 
 def _signed_values(seed, size):
@@ -58,8 +61,9 @@ def _signed_values(seed, size):
 def test_divide_inverts_multiply_bit_for_bit(n):
   v = _signed_values(n, 257)
   steps = 300
-  capacity = v.size * _bitstack.max_chunks_per_lane([n] * steps)
-  pushed, w, (stack, back) = _run(v, [n] * steps, max(capacity, 1))
+  # Room for the fastest-growing stack (n = 1), so that every case runs one program.
+  capacity = v.size * _bitstack.max_chunks_per_lane([1] * steps)
+  pushed, w, (stack, back) = _run(v, [n] * steps, capacity)
   with jax.enable_x64(True):
     chex.assert_trees_all_equal(back, jnp.asarray(v))
     assert bool(_bitstack.is_empty(stack))
@@ -84,7 +88,9 @@ def test_bits_stored_within_one_percent_of_the_information_bound(gamma):
   n = round(gamma * D)
   steps = 2000
   v = _signed_values(11, 128)
-  pushed, _, _ = _run(v, [n] * steps, v.size * _bitstack.max_chunks_per_lane([n] * steps))
+  # Room for the largest of the cases (momentum 0.5): one program for all.
+  capacity = v.size * _bitstack.max_chunks_per_lane([D // 2] * steps)
+  pushed, _, _ = _run(v, [n] * steps, capacity)
   with jax.enable_x64(True):
     bits = float(_bitstack.stored_bits(pushed))
   bound = v.size * steps * float(_bitstack.information_bits(n))
@@ -127,29 +133,29 @@ FINE = 31
 
 
 def _run_fine(v, numerators, capacity_chunks):
-  numerators = np.asarray(numerators, np.uint64)
+  with jax.enable_x64(True):
+    return _round_trip_fine(jnp.asarray(v, jnp.int64), jnp.asarray(numerators, jnp.uint64),
+                            capacity_chunks)
 
+
+@functools.partial(jax.jit, static_argnums=2)
+def _round_trip_fine(v, numerators, capacity_chunks):
   def bases(n):
     return [n], _bitstack.head_bases(n, FINE).astype(jnp.float64)
 
-  @jax.jit
-  def go(v):
-    stack = _bitstack.empty([v.shape], capacity_chunks)
+  stack = _bitstack.empty([v.shape], capacity_chunks)
 
-    def forward(carry, n):
-      return _bitstack.multiply(*carry, *bases(n), (FINE,)), None
+  def forward(carry, n):
+    return _bitstack.multiply(*carry, *bases(n), (FINE,)), None
 
-    (stack, w), _ = jax.lax.scan(forward, (stack, [v]), numerators)
+  (stack, w), _ = jax.lax.scan(forward, (stack, [v]), numerators)
 
-    def backward(carry, n):
-      return _bitstack.divide(*carry, *bases(n), (FINE,)), None
+  def backward(carry, n):
+    return _bitstack.divide(*carry, *bases(n), (FINE,)), None
 
-    (popped, back), _ = jax.lax.scan(backward, (_bitstack.for_popping(stack), w), numerators,
-                                     reverse=True)
-    return stack, w[0], popped, back[0]
-
-  with jax.enable_x64(True):
-    return go(jnp.asarray(v, jnp.int64))
+  (popped, back), _ = jax.lax.scan(backward, (_bitstack.for_popping(stack), w), numerators,
+                                   reverse=True)
+  return stack, w[0], popped, back[0]
 
 
 @pytest.mark.parametrize("factor", [2**-8, 0.5, 0.9, 0.999, 1 - 1e-7, 1.0])
@@ -157,8 +163,10 @@ def test_fine_denominator_round_trips_and_stays_within_two_to_the_eight(factor):
   n = max(round(factor * 2**FINE), 2**(FINE - 8))
   v = _signed_values(int(factor * 1000), 257)
   steps = 300
-  capacity = v.size * _bitstack.max_chunks_per_lane([n] * steps, FINE)
-  pushed, _, stack, back = _run_fine(v, [n] * steps, max(capacity, 1))
+  # Room for the fastest-growing stack (the smallest factor), so that every case runs one
+  # program.
+  capacity = v.size * _bitstack.max_chunks_per_lane([2**(FINE - 8)] * steps, FINE)
+  pushed, _, stack, back = _run_fine(v, [n] * steps, capacity)
   with jax.enable_x64(True):
     chex.assert_trees_all_equal(back, jnp.asarray(v))
     assert bool(_bitstack.is_empty(stack)) and not bool(pushed.overflow)
@@ -176,8 +184,9 @@ def test_fine_denominator_stores_the_information_bound(factor):
   # Values spread over the grid (not the few tiny ones of _signed_values): a value stuck within
   # 2**31 units of 0 keeps popping one block's base, up to log2(256 / 255) bits a step.
   v = np.random.default_rng(13).integers(-2**62, 2**62, size=64, dtype=np.int64)
-  pushed, _, _, _ = _run_fine(v, [n] * steps, max(1, v.size * _bitstack.max_chunks_per_lane(
-      [n] * steps, FINE)))
+  # Room for the largest stack of the cases of this length (factor 0.5): fewer programs.
+  pushed, _, _, _ = _run_fine(v, [n] * steps, v.size * _bitstack.max_chunks_per_lane(
+      [2**(FINE - 1)] * steps, FINE))
   with jax.enable_x64(True):
     bits = float(_bitstack.stored_bits(pushed))
   bound = v.size * steps * float(_bitstack.information_bits(n, FINE))
