@@ -812,15 +812,29 @@ def _outputs(config, state):
   return params_out, tuple(slots_out), running_out, in_range
 
 
+# The forward and backward passes are each compiled whole: an eager ``jax.grad`` calls the
+# custom_vjp's rules with concrete values, which would otherwise run op by op (some 200 small
+# compilations, seconds, before the first hypergradient). Under an outer ``jit`` they are
+# inlined. The failure checks stay outside, where concrete flags can raise. Called with 64-bit
+# types enabled, so that the integer state passes in and out as it is.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _forward_pass(config, params, slots, running, hparams, steps, invalid, form):
+  state = _initial_state(config, params, slots, running)
+  step_fn = lambda s, x: (_forward_step(config, hparams, form, s, x), None)
+  state, _ = jax.lax.scan(step_fn, state, steps)
+  params_out, slots_out, running_out, in_range = _outputs(config, state)
+  stats = _stats(config, state, steps, invalid, in_range, params_out, slots_out, running_out)
+  return (params_out, slots_out, running_out), stats, state
+
+
 def _forward(config, params, slots, running, hparams, steps, invalid, form):
   with jax.enable_x64(True):
-    state = _initial_state(config, params, slots, running)
-    step_fn = lambda s, x: (_forward_step(config, hparams, form, s, x), None)
-    state, _ = jax.lax.scan(step_fn, state, steps)
-    params_out, slots_out, running_out, in_range = _outputs(config, state)
-    stats = _stats(config, state, steps, invalid, in_range, params_out, slots_out, running_out)
+    outputs, stats, state = _forward_pass(config, params, slots, running, hparams, steps,
+                                          invalid, form)
   failed = check(stats, config.checks, config.min_decay)
-  outputs = _errors.poison(failed, (params_out, slots_out, running_out))
+  outputs = _errors.poison(failed, outputs)
   return outputs, stats, state, failed
 
 
@@ -940,7 +954,7 @@ def _compute_dtypes(config):
 
 def _backward_carry(config, state, hparams, cotangents):
   """The carry at step T: the final state, ready to pop, and the output cotangents."""
-  dparams, dslots, drunning, _ = cotangents
+  dparams, dslots, drunning = cotangents
   compute_dtypes = _compute_dtypes(config)
   # The cotangents are carried in the compute dtypes, like the state they belong to, and laid
   # out like the weights: a cotangent that is a symbolic zero would otherwise be replicated.
@@ -978,16 +992,29 @@ def _input_cotangents(config, hparams, steps, carry, dcoefs):
           dhparams, dsteps, np.zeros((), jax.dtypes.float0))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _backward_pass(config, state, hparams, steps, initial, cotangents):
+  """The backward scan from the final state; with ``initial``, whether it rebuilt it exactly."""
+  carry = _backward_carry(config, state, hparams, cotangents)
+  carry, dcoefs = jax.lax.scan(functools.partial(_backward_step, config, hparams), carry,
+                               steps, reverse=True)
+  exact = None
+  if initial is not None:
+    exact = _exact(config, carry.state, _initial_state(config, *initial))
+  return carry, dcoefs, exact
+
+
 def _run_bwd(config, residuals, cotangents):
   """Algorithm 2 of the paper: undo each step exactly, then pull its cotangents back."""
   residuals, cotangents = _guard((residuals, cotangents))
   state, hparams, steps, initial, failed = residuals
+  dparams, dslots, drunning, _ = cotangents  # the statistics' cotangents are not read
   with jax.enable_x64(True):
-    carry = _backward_carry(config, state, hparams, cotangents)
-    carry, dcoefs = jax.lax.scan(functools.partial(_backward_step, config, hparams), carry,
-                                 steps, reverse=True)
+    carry, dcoefs, exact = _backward_pass(config, state, hparams, steps,
+                                          initial if config.check_reversal else None,
+                                          (dparams, dslots, drunning))
   if config.check_reversal:
-    failed |= _check_reconstruction(config, carry.state, initial)
+    failed |= _reconstruction_failed(exact)
   # A failed run has no trustworthy gradient: NaN rather than a wrong number.
   return _errors.poison(failed, _input_cotangents(config, hparams, steps, carry, dcoefs))
 
@@ -1005,10 +1032,8 @@ REVERSAL_CHECK_FAILED = (
     "this with your loss_fn.")
 
 
-def _check_reconstruction(config, state, initial):
-  """Raises if the rebuilt state is concrete and wrong; returns the flag to poison with."""
-  with jax.enable_x64(True):
-    exact = _exact(config, state, _initial_state(config, *initial))
+def _reconstruction_failed(exact):
+  """Raises if the reconstruction is concrete and not exact; returns the flag to poison with."""
   mismatch = jnp.logical_not(exact)
   if _errors.raise_if(mismatch, REVERSAL_CHECK_FAILED):
     return jnp.zeros((), jnp.bool_)

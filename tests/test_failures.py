@@ -216,19 +216,28 @@ def test_round_trip_of_a_nondeterministic_loss_is_not_exact():
   assert not np.array_equal(np.asarray(trip.initial_params), np.asarray(params))
 
 
-def _corrupt_refills(monkeypatch):
-  """Makes every refill of a bit stack read chunks with their lowest bit flipped: a wrong tail,
-  as a compiler or memory fault could leave it. Only programs traced while it holds see it."""
+@pytest.fixture
+def corrupt_refills(monkeypatch):
+  """Calling it makes every refill of a bit stack read chunks with their lowest bit flipped: a
+  wrong tail, as a compiler or memory fault could leave it. Only programs traced while it
+  holds see it: JAX's caches of compiled programs are cleared when it starts and when the test
+  ends, so that no corrupted program outlives the test and no intact one serves inside it."""
   refill = _bitstack._refill  # pylint: disable=protected-access
 
   def corrupted(stack, masks):
     return refill(stack._replace(tail=stack.tail ^ jnp.uint32(1)), masks)
 
-  monkeypatch.setattr(_bitstack, "_refill", corrupted)
+  def start():
+    monkeypatch.setattr(_bitstack, "_refill", corrupted)
+    jax.clear_caches()
+
+  yield start
+  monkeypatch.undo()
+  jax.clear_caches()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
-def test_reversal_check_fires_on_a_corrupted_bit_stack(monkeypatch, optimizer):
+def test_reversal_check_fires_on_a_corrupted_bit_stack(corrupt_refills, optimizer):
   # momentum (b1, b2) 0.3: 1.7 bits per lane and step, every lane spills 5 times in 100 steps.
   # Adam's second moment must stay below 2: its loss is scaled down.
   train = {"sgd": lambda **kw: revhyper.sgd(loss_fn=loss_fn, momentum=0.3, **kw),
@@ -243,7 +252,7 @@ def test_reversal_check_fires_on_a_corrupted_bit_stack(monkeypatch, optimizer):
   h = jnp.float32(0.3)
   intact = jax.jit(jax.grad(meta), static_argnums=1)(h, True)
   assert np.isfinite(intact)
-  _corrupt_refills(monkeypatch)
+  corrupt_refills()
   with pytest.raises(revhyper.ReversalError, match="reversal check failed"):
     jax.grad(meta)(h, True)
   assert np.isnan(jax.jit(jax.grad(meta), static_argnums=1)(h, True))
