@@ -179,15 +179,16 @@ def test_vmap_matches_unroll_per_element_in_a_regime_that_spills():
 
 # --- compilation reuse ----------------------------------------------------------------------
 
-def _count_compiles(fn):
-  """How many programs running training ``fn()`` compiles (tiny eager ops aside)."""
+def _count_compiles(fn, names=("_run_method", "train_and_reverse")):
+  """How many programs running training ``fn()`` compiles (tiny eager ops aside): those whose
+  name holds one of ``names`` (every program with ``names=None``)."""
   from jax._src import monitoring
   events = []
 
   def listener(event, duration, **kwargs):
     del duration
-    if event == "/jax/core/compile/backend_compile_duration" and any(
-        name in str(kwargs.get("fun_name")) for name in ("_run_method", "train_and_reverse")):
+    if event == "/jax/core/compile/backend_compile_duration" and (names is None or any(
+        name in str(kwargs.get("fun_name")) for name in names)):
       events.append(kwargs)
 
   monitoring.register_event_duration_secs_listener(listener)
@@ -217,6 +218,18 @@ def test_identical_eager_calls_reuse_their_compiled_program(call):
   run(first)
   assert _count_compiles(lambda: run(again)) == 0
   assert _count_compiles(lambda: run(other)) == 0  # new values, same program
+
+
+def test_an_eager_hypergradient_runs_each_pass_as_one_program():
+  # jax.grad outside jit calls the custom_vjp's rules with concrete values: without programs of
+  # their own they would run op by op, hundreds of small compilations on the first call.
+  def meta(h):
+    return jnp.sum(revhyper.sgd(quadratic, jnp.ones((7, 3)), h, num_steps=30, learning_rate=0.1,
+                                momentum=0.9).params)
+
+  passes = ("_forward_pass", "_backward_pass")
+  assert _count_compiles(lambda: jax.grad(meta)(jnp.float32(0.5)), passes) == 2
+  assert _count_compiles(lambda: jax.grad(meta)(jnp.float32(0.7)), None) == 0
 
 
 def test_reused_program_reads_new_closed_over_values():
