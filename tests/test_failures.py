@@ -17,6 +17,8 @@ import pytest
 
 import revhyper
 from revhyper import _bitstack
+from revhyper import _reversible
+from revhyper import _training
 
 
 def loss_fn(w, h, t):
@@ -220,20 +222,25 @@ def test_round_trip_of_a_nondeterministic_loss_is_not_exact():
 def corrupt_refills(monkeypatch):
   """Calling it makes every refill of a bit stack read chunks with their lowest bit flipped: a
   wrong tail, as a compiler or memory fault could leave it. Only programs traced while it
-  holds see it: JAX's caches of compiled programs are cleared when it starts and when the test
+  holds see it: the caches of revhyper's programs are cleared when it starts and when the test
   ends, so that no corrupted program outlives the test and no intact one serves inside it."""
   refill = _bitstack._refill  # pylint: disable=protected-access
 
   def corrupted(stack, masks):
     return refill(stack._replace(tail=stack.tail ^ jnp.uint32(1)), masks)
 
+  def clear():  # the programs that hold reversals, and with them every refill
+    for program in (_reversible._forward_pass, _reversible._backward_pass,
+                    _training._run_method_jit, _training._train_and_reverse_jit):
+      program.clear_cache()
+
   def start():
     monkeypatch.setattr(_bitstack, "_refill", corrupted)
-    jax.clear_caches()
+    clear()
 
   yield start
   monkeypatch.undo()
-  jax.clear_caches()
+  clear()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
