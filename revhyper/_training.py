@@ -611,8 +611,14 @@ def _float_scan(config, params, slots, running, hparams, steps):
           cast(running, running_dtypes))
 
 
+# One program per configuration, also where an eager jax.grad differentiates through it: its
+# derivative programs are then cached with it, rather than retraced from a new scan body and
+# compiled again on every call. Inlined under an outer jit.
+_float_scan_jit = jax.jit(_float_scan, static_argnums=0)
+
+
 def _run_float(config, params, slots, running, hparams, steps, invalid):
-  outputs = _float_scan(config, params, slots, running, hparams, steps)
+  outputs = _float_scan_jit(config, params, slots, running, hparams, steps)
   zero = jnp.zeros((), jnp.float32)
   false = jnp.zeros((), jnp.bool_)
   stats = Stats(zero, zero, zero, zero, false, false, invalid,

@@ -220,14 +220,17 @@ def test_identical_eager_calls_reuse_their_compiled_program(call):
   assert _count_compiles(lambda: run(other)) == 0  # new values, same program
 
 
-def test_an_eager_hypergradient_runs_each_pass_as_one_program():
+@pytest.mark.parametrize("method", ["reversible", "unroll", "checkpoint"])
+def test_an_eager_hypergradient_is_compiled_once(method):
   # jax.grad outside jit calls the custom_vjp's rules with concrete values: without programs of
-  # their own they would run op by op, hundreds of small compilations on the first call.
+  # their own they would run op by op, hundreds of small compilations on the first call. The
+  # float methods' derivative programs were traced anew, and compiled again, on every call.
   def meta(h):
     return jnp.sum(revhyper.sgd(quadratic, jnp.ones((7, 3)), h, num_steps=30, learning_rate=0.1,
-                                momentum=0.9).params)
+                                momentum=0.9, method=method).params)
 
-  passes = ("_forward_pass", "_backward_pass")
+  passes = ("_forward_pass", "_backward_pass", "_float_scan")
+  # One program forward, one backward (the float methods': the jvp and its transpose).
   assert _count_compiles(lambda: jax.grad(meta)(jnp.float32(0.5)), passes) == 2
   assert _count_compiles(lambda: jax.grad(meta)(jnp.float32(0.7)), None) == 0
 
