@@ -197,7 +197,10 @@ def test_quick_preset_writes_every_contender_on_every_task(background_jobs):
   assert_png(out_dir / "hpo_benchmark.png")
 
 
-@pytest.mark.parametrize("side", [28, 14, 7])
+# The digits' side in the quick loop; the smaller sides of the network's later layers in the
+# full suite.
+@pytest.mark.parametrize("side", [28, pytest.param(14, marks=pytest.mark.slow),
+                                  pytest.param(7, marks=pytest.mark.slow)])
 def test_convolution_is_lax_conv_same_stride_2(side):
   h = jax.random.normal(jax.random.key(0), (3, side, side, 4))
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))

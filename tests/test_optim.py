@@ -163,7 +163,11 @@ FLOAT_ONLY = {
 }
 
 
-@pytest.mark.parametrize("name", list(FLOAT_ONLY))
+# Two in the quick loop (a momentum that reads the gradient, and a sign); the rest in the full
+# suite.
+@pytest.mark.parametrize("name", [
+    name if name in ("sgd", "lion") else pytest.param(name, marks=pytest.mark.slow)
+    for name in FLOAT_ONLY])
 def test_optimizers_whose_step_reads_the_gradient_run_with_float_methods_only(name):
   ours, theirs = FLOAT_ONLY[name]
   with pytest.raises(ValueError, match=r"reads the gradient g_t.*Checkpoint\(\)|no state"):

@@ -8,6 +8,7 @@ what costs time here).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -196,6 +197,7 @@ def _round_trip(params, data, learning_rate, momentum):
                              method=revhyper.Reversible(min_momentum=MIN_MOMENTUM))
 
 
+@pytest.mark.slow  # the quick loop's round trips: tests/test_sgd.py
 @settings(max_examples=8, deadline=None)
 @given(_training_runs())
 def test_round_trip_is_exact_for_random_small_mlps(run):
