@@ -124,7 +124,9 @@ print("hypergradient:", {k: float(v) for k, v in exact.items()})
 print("relative error against unroll:", error)
 print("relative error against float64: reversible", error64, "unroll", error64_unroll)
 assert error <= 1e-5, error
-assert error64 <= 2 * error64_unroll, (error64, error64_unroll)
+# Both are float32 rounding, whose size moves with how XLA compiles each method: the exact
+# method's error is at most twice backprop's, or within 4 float32 epsilons.
+assert error64 <= max(2 * error64_unroll, 4 * np.finfo(np.float32).eps), (error64, error64_unroll)
 
 # Training runs backwards bit for bit, the running statistics included.
 rt = revhyper.round_trip(train_loss, params, hparams, optimizer=optim.sgd(0.2, momentum=0.9),
