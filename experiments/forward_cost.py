@@ -18,9 +18,13 @@ median of --repeats calls of:
                  arithmetic with its integers held in float64 lanes instead of int64 ones
                  (``float64_lane_training``), to see what 53-bit vector float arithmetic, native
                  on CPUs without AVX-512, would save
+  probe_state_traffic  (not timed by default) a cost probe: training that moves exact
+                 training's state (int64 weights and velocities, uint64 heads) with the
+                 cheapest arithmetic (``state_traffic_training``), to see what the state's
+                 memory traffic costs before the exact arithmetic
 
 and the ratios exact / float, reversible / unroll, remat / unroll, reversible / remat and
-probe / float. With
+probe / float for each probe. With
 --pieces, it also times the per-lane operations of one exact step in isolation, each in a
 ``lax.scan`` of T steps over arrays shaped like the network's weights: the momentum's rANS
 multiply (``_bitstack.multiply``), the conversions to and from the grid
@@ -72,7 +76,7 @@ flags.DEFINE_integer("num_val", 100, "Validation digits of the meta-objective: f
 flags.DEFINE_string("out_dir", "/tmp/forward_cost", "Where results.json goes.")
 
 METHODS = ("forward_float", "forward_exact", "unroll", "remat", "reversible",
-           "reversible_unshared", "probe_float64_lanes")
+           "reversible_unshared", "probe_float64_lanes", "probe_state_traffic")
 MOMENTUM, LEARNING_RATE, INIT_SCALE, L2 = 0.9, math.exp(-1.0), math.exp(-3.0), 1e-4
 
 
@@ -113,6 +117,8 @@ def build(sizes):
   }
   fns["probe_float64_lanes"] = jax.jit(lambda h: validation_loss(
       float64_lane_training(train_loss, params, h, FLAGS.steps)))
+  fns["probe_state_traffic"] = jax.jit(lambda h: validation_loss(
+      state_traffic_training(train_loss, params, h, FLAGS.steps)))
   num_weights = sum(int(p.size) for p in jax.tree.leaves(params))
   return fns, params, num_weights
 
@@ -166,6 +172,48 @@ def float64_lane_training(train_loss, params, log_l2, steps):
     (w, _, _, ok), _ = jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))
     return jax.tree.map(lambda x: jnp.where(ok, x * 2.0**-PROBE_FRACTIONAL_BITS, jnp.nan)
                         .astype(jnp.float32), w)
+
+
+TRAFFIC_FRACTIONAL_BITS = 24  # |w| < 128 on a 2**-24 grid: int32 holds it, so converts cheaply
+
+
+def state_traffic_training(train_loss, params, log_l2, steps):
+  """A cost probe: exact training's state moved as XLA moves it, with almost none of its work.
+
+  Each step reads and writes the arrays that ``revhyper.sgd``'s exact forward step does (an
+  int64 weight, an int64 velocity and a uint64 rANS head per weight, the float32 gradient and
+  the float32 weights the loss reads), but with the cheapest arithmetic that keeps training
+  alive: a 2**-24 grid (the weights convert through int32), the paper's
+  ``v <- m v - (1 - m) g, w <- w + lr v`` with a momentum of 0.875 and a learning rate of 0.375
+  as shifts, the gradient converted through int32, and the head only incremented. XLA on a CPU
+  gives each array a step writes a kernel of its own (float training's velocities and weights
+  too), so its time over float training is what the exact state's traffic costs before any of
+  the exact arithmetic. Returns the final weights.
+  """
+  scale = 2.0**TRAFFIC_FRACTIONAL_BITS
+  with jax.enable_x64(True):
+    def to_float(w):
+      return w.astype(jnp.int32).astype(jnp.float32) * (1.0 / scale)
+
+    def lane(w, v, head, g):
+      v = v - (v >> 3) - (g * (scale / 8)).astype(jnp.int32).astype(jnp.int64)
+      w = w + (v >> 2) + (v >> 3)
+      return w, v, head + (v & 7).astype(jnp.uint64)
+
+    def step(carry, t):
+      w, v, head = carry
+      g = jax.grad(train_loss)(jax.tree.map(to_float, w), log_l2, t)
+      out = jax.tree.map(lane, w, v, head, g)
+      return tuple(jax.tree.map(lambda o, i=i: o[i], out, is_leaf=lambda o: isinstance(o, tuple))
+                   for i in range(3)), None
+
+    # (the barrier keeps XLA from converting the closed-over weights at compile time)
+    w = jax.tree.map(lambda x: jnp.round(x * scale).astype(jnp.int64),
+                     jax.lax.optimization_barrier(params))
+    init = (w, jax.tree.map(jnp.zeros_like, w),
+            jax.tree.map(lambda x: jnp.full(x.shape, 2**16, jnp.uint64), w))
+    (w, _, _), _ = jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))
+    return jax.tree.map(to_float, w)
 
 
 def time_round_robin(fns, args, repeats):
@@ -258,6 +306,9 @@ def measure(sizes):
   if "forward_float" in medians and "probe_float64_lanes" in medians:
     ratios["probe_over_float_training"] = (medians["probe_float64_lanes"]
                                            / medians["forward_float"])
+  if "forward_float" in medians and "probe_state_traffic" in medians:
+    ratios["state_traffic_over_float_training"] = (medians["probe_state_traffic"]
+                                                   / medians["forward_float"])
   record["ratios"] = ratios
   if FLAGS.pieces:
     with jax.enable_x64(True):

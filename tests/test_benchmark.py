@@ -32,7 +32,8 @@ MEMORY_LIMIT_GB = 0.012
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-FORWARD_COST_METHODS = ["forward_float", "forward_exact", "reversible", "probe_float64_lanes"]
+FORWARD_COST_METHODS = ["forward_float", "forward_exact", "reversible", "probe_float64_lanes",
+                        "probe_state_traffic"]
 
 
 def jobs(folder):
@@ -138,10 +139,14 @@ def test_forward_cost_times_each_method_and_the_probe_trains_like_the_methods(ba
   assert list(network["median_s"]) == FORWARD_COST_METHODS
   assert all(t > 0 for t in network["median_s"].values())
   assert all(network["first_call_s"][m] >= network["median_s"][m] for m in FORWARD_COST_METHODS)
-  assert set(network["ratios"]) == {"exact_over_float_training", "probe_over_float_training"}
+  assert set(network["ratios"]) == {"exact_over_float_training", "probe_over_float_training",
+                                    "state_traffic_over_float_training"}
   # Exact training on either grid ends within float32 rounding of float training.
   values = network["values"]
   for method in ("forward_exact", "probe_float64_lanes"):
     assert math.isclose(values[method], values["forward_float"], rel_tol=1e-4), values
+  # The traffic probe trains with nearby coefficients (momentum 0.875, learning rate 0.375).
+  assert math.isclose(values["probe_state_traffic"], values["forward_float"], rel_tol=1e-3), values
+  assert values["probe_state_traffic"] != values["forward_float"], values
   assert math.isfinite(values["reversible"])
   assert "exact_over_float_training" in done.stdout
