@@ -10,7 +10,8 @@ For each optimizer (``revhyper.sgd`` with momentum --momentum at learning rate
 network in --sizes and each precision in --precisions, the hypergradient is computed in float32
 by ``Reversible(precision=p)``, ``Checkpoint(precision=p)`` and ``Unroll(precision=p)``, and
 compared with ``Unroll()`` in float64 (under ``jax.enable_x64``: float64 data, weights and
-hyperparameters) on the same problem. Reported per row: the relative L2 error of the whole
+hyperparameters) on the same problem (``--reference=checkpoint``: ``Checkpoint()`` in float64,
+where float64 unroll would not fit). Reported per row: the relative L2 error of the whole
 hypergradient, the worst of its three groups (learning rates, initialisation scales, L2
 penalty), and reversible's distance from unroll at the same precision.
 
@@ -63,6 +64,11 @@ _PRECISIONS = flags.DEFINE_list("precisions", ["default", "highest"],
                                 "Matrix-product precisions of the float32 methods.")
 _METHODS = flags.DEFINE_list("methods", ["reversible", "checkpoint", "unroll"],
                              "Float32 methods compared with the float64 reference.")
+_REFERENCE = flags.DEFINE_enum(
+    "reference", "unroll", ["unroll", "checkpoint"], "The float64 reference's method: unroll, "
+    "or checkpoint (sqrt(T) segments, the same gradient to float64 rounding) where float64 "
+    "unroll's stored trajectory would not fit in memory (784-512-512-512-10 at T = 1000 on a "
+    "24 GB machine).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Minibatch size; default 200 (--quick: 50).")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 9000, "Training digits.")
 _NUM_VAL = flags.DEFINE_integer("num_val", None, "Validation digits, after the training ones; "
@@ -93,6 +99,7 @@ def config_from_flags():
       "rmsprop_eps": _RMSPROP_EPS.value,
       "precisions": list(_PRECISIONS.value),
       "methods": list(_METHODS.value),
+      "reference": _REFERENCE.value,
       "batch_size": _BATCH.value or (50 if quick else 200),
       "num_train": _NUM_TRAIN.value,
       "num_val": _NUM_VAL.value or (500 if quick else 1000),
@@ -246,7 +253,7 @@ def run_network(cfg, sizes, optimizer):
   numbers = draw(cfg, sizes)
   with jax.enable_x64(True):
     reference, reference_s = Problem(cfg, numbers, jnp.float64).hypergradient(
-        optimizer, revhyper.Unroll())
+        optimizer, make_method(cfg["reference"], "highest"))
   problem = Problem(cfg, numbers, jnp.float32)
   rows = []
   for precision in cfg["precisions"]:
@@ -262,7 +269,8 @@ def run_network(cfg, sizes, optimizer):
       for row in rows:
         if row["precision"] == precision and row["method"] == "reversible":
           row["vs_unroll"] = errors(values["reversible"], values["unroll"])
-  return rows, {"optimizer": optimizer, "sizes": sizes, "seconds": reference_s,
+  return rows, {"optimizer": optimizer, "sizes": sizes, "method": cfg["reference"],
+                "seconds": reference_s,
                 "norm": float(np.linalg.norm(np.concatenate(
                     [np.ravel(leaf) for leaf in jax.tree.leaves(reference)])))}
 
@@ -315,7 +323,7 @@ def main(argv):
     json.dump(results, f, indent=1)
   m = results["machine"]
   print(f"\n{m['backend']} ({m['device_kind']}), JAX {m['jax']}, T = {cfg['steps']}; "
-        "relative L2 errors of float32 hypergradients against float64 unroll")
+        f"relative L2 errors of float32 hypergradients against float64 {cfg['reference']}")
   print(table(results["rows"]))
   if len(cfg["precisions"]) > 1:
     if results["precisions_agree"]:

@@ -23,16 +23,26 @@ METHODS = ["reversible", "checkpoint", "unroll"]
 
 def jobs(folder):
   out_dir = folder("accuracy")
+  checkpoint_dir = folder("accuracy_checkpoint_reference")
   return {"quick": Job([sys.executable, SCRIPT, "--quick", f"--out_dir={out_dir}"],
-                       out_dir=out_dir, timeout=600)}
+                       out_dir=out_dir, timeout=600),
+          # The float64 reference by sqrt(T) checkpointing, for networks whose float64 unroll
+          # would not fit: the same gradient, so the same errors.
+          "checkpoint_reference": Job(
+              [sys.executable, SCRIPT, "--quick", "--optimizers=adam", "--precisions=highest",
+               "--methods=unroll", "--reference=checkpoint", f"--out_dir={checkpoint_dir}"],
+              out_dir=checkpoint_dir, timeout=600)}
+
+
+def load(done):
+  assert done.returncode == 0, done.stderr[-4000:]
+  with open(done.out_dir / "results.json") as f:
+    return json.load(f), done.stdout
 
 
 @pytest.fixture(scope="module")
 def run(background_jobs):
-  done = background_jobs.results(jobs)["quick"]
-  assert done.returncode == 0, done.stderr[-4000:]
-  with open(done.out_dir / "results.json") as f:
-    return json.load(f), done.stdout
+  return load(background_jobs.results(jobs)["quick"])
 
 
 def test_results_record_the_machine_and_every_row(run):
@@ -68,3 +78,19 @@ def test_reversal_is_as_accurate_as_backprop_on_the_cpu(run):
       unroll = rows[(optimizer, precision, "unroll")]
       assert error < 1e-5, (optimizer, precision, error)
       assert error <= max(2 * unroll, 1e-6), (optimizer, precision, error, unroll)
+
+
+def test_a_checkpointed_float64_reference_gives_unrolls_errors(run, background_jobs):
+  unrolled, _ = run
+  checkpointed, stdout = load(background_jobs.results(jobs)["checkpoint_reference"])
+  assert checkpointed["config"]["reference"] == "checkpoint"
+  assert [r["method"] for r in checkpointed["references"]] == ["checkpoint"]
+  assert [r["method"] for r in unrolled["references"]] == ["unroll", "unroll"]
+  assert "against float64 checkpoint" in stdout
+  (row,) = checkpointed["rows"]
+  (same,) = [r for r in unrolled["rows"] if (r["optimizer"], r["precision"], r["method"])
+             == ("adam", "highest", "unroll")]
+  # float64 checkpointing and unroll differ by float64 rounding, far below float32's errors.
+  assert row["vs_float64"]["global"] == pytest.approx(same["vs_float64"]["global"], rel=1e-6)
+  (reference,) = checkpointed["references"]
+  assert reference["norm"] == pytest.approx(unrolled["references"][1]["norm"], rel=1e-12)
