@@ -11,7 +11,8 @@ Modes:
           ("data"); SGD with weight decay and AdamW: round trips (the rebuilt initial weights
           compared with the originals shard by shard, bit for bit; not AdamW on replicated
           weights, which adds nothing to the other three) and hypergradients with the
-          in-pass reversal check against this process's one-device run; the bit stack's
+          in-pass reversal check against this process's one-device run and a float64
+          unroll; the bit stack's
           shards (which devices hold them, how many bytes each process holds); a loss that
           is nondeterministic on process 1 only, which every process must see fail.
   meta    ``revhyper.meta.meta_optimize`` on the model-parallel MLP with checkpoints in a
@@ -101,7 +102,7 @@ def local_shards_equal(array, host):
   return all(np.array_equal(np.asarray(s.data), host[s.index]) for s in array.addressable_shards)
 
 
-def hypergradient(loss, optimizer, kwargs, params, method):
+def hypergradient(loss, optimizer, kwargs, params, method, dtype=jnp.float32):
   """jit(grad) of a validation loss with respect to the L2 penalty and a learning rate per
   leaf."""
   train = getattr(revhyper, optimizer)
@@ -111,9 +112,20 @@ def hypergradient(loss, optimizer, kwargs, params, method):
                 **dict(kwargs, learning_rate=h["lr"]), method=method)
     return mlp_loss()(out.params, 0.0, NUM_STEPS + 7)
 
-  h = {"l2": jnp.float32(1e-3),
-       "lr": {k: jnp.float32(kwargs["learning_rate"]) for k in host_params()}}
+  h = {"l2": jnp.asarray(1e-3, dtype),
+       "lr": {k: jnp.asarray(kwargs["learning_rate"], dtype) for k in host_params()}}
   return jax.device_get(jax.jit(jax.grad(meta))(h, params))
+
+
+def float64_reference(optimizer, kwargs):
+  """The hypergradient by float64 unroll on this process's first device: the yardstick of
+  every float32 run (sharded sums add in another order than one device's, and Adam's division
+  amplifies the difference to about float32's own error of the hypergradient)."""
+  with jax.enable_x64(True):
+    params = jax.device_put({k: v.astype(np.float64) for k, v in host_params().items()},
+                            jax.local_devices()[0])
+    return hypergradient(mlp_loss(), optimizer, kwargs, params, revhyper.Unroll(),
+                         dtype=jnp.float64)
 
 
 def floats(tree):
@@ -129,7 +141,9 @@ def layouts(devices):
   references = {name: hypergradient(mlp_loss(), opt, kw, one_device,
                                     revhyper.Reversible(min_momentum=0.8))
                 for name, (opt, kw) in OPTIMIZERS.items()}
-  out = {}
+  float64 = {name: float64_reference(opt, kw) for name, (opt, kw) in OPTIMIZERS.items()}
+  out = {"one_device": {name: {"float64_error": relative_error(references[name], float64[name])}
+                        for name in OPTIMIZERS}}
   for layout in ("model", "data"):
     mesh = Mesh(devices, (layout,))
     specs = MODEL_SPECS if layout == "model" else {k: None for k in host}
@@ -144,6 +158,7 @@ def layouts(devices):
           "w1_local_shapes": [list(s.data.shape) for s in params["w1"].addressable_shards],
           "hypergradient": floats(got),
           "hypergradient_error": relative_error(got, references[name]),
+          "float64_error": relative_error(got, float64[name]),
       }
       if (layout, name) == ("data", "adamw"):
         continue  # replicated weights: nothing that the other three round trips do not show

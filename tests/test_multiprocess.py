@@ -101,8 +101,15 @@ def test_hypergradients_agree_with_one_device(checks, layout):
   # NaN. Both processes read the same replicated hypergradient.
   first, second = (result["layouts"][layout] for result in checks)
   assert first["hypergradient"] == second["hypergradient"]
-  for result in (first, second):
-    assert result["hypergradient_error"] <= 1e-6
+  optimizer = layout.split("_", 1)[1]
+  for result, process in zip((first, second), checks):
+    # The sharded sums add in another order than one device's. Judged against float64, the
+    # sharded run must be as accurate as the one-device float32 run; AdamW's two float32
+    # runs differ by the sum of their errors (2.6e-6 on an AVX-512 Xeon, each about 1.3e-6
+    # from float64), so their agreement is only a coarse check.
+    one_device = process["layouts"]["one_device"][optimizer]["float64_error"]
+    assert result["float64_error"] <= max(2 * one_device, 1e-7), (result, one_device)
+    assert result["hypergradient_error"] <= 1e-5
 
 
 @pytest.mark.slow
