@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import revhyper  # noqa: E402
 from revhyper import _bitstack  # noqa: E402
 from revhyper import _sharding  # noqa: E402
+from sharding_checks import float32_errors  # noqa: E402  (the sharded tests' error record)
 
 flags.DEFINE_enum("mode", "checks", ["checks", "meta"], "What to check.")
 flags.DEFINE_string("out_dir", None, "Where process_<index>.json goes.", required=True)
@@ -91,12 +92,6 @@ def mlp_loss(data_mesh=None):
   return loss
 
 
-def relative_error(got, want):
-  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64))
-                                      for x in jax.tree.leaves(tree)])
-  return float(np.linalg.norm(flat(got) - flat(want)) / np.linalg.norm(flat(want)))
-
-
 def local_shards_equal(array, host):
   """This process's shards of a global array equal the host array's blocks, bit for bit."""
   return all(np.array_equal(np.asarray(s.data), host[s.index]) for s in array.addressable_shards)
@@ -142,8 +137,7 @@ def layouts(devices):
                                     revhyper.Reversible(min_momentum=0.8))
                 for name, (opt, kw) in OPTIMIZERS.items()}
   float64 = {name: float64_reference(opt, kw) for name, (opt, kw) in OPTIMIZERS.items()}
-  out = {"one_device": {name: {"float64_error": relative_error(references[name], float64[name])}
-                        for name in OPTIMIZERS}}
+  out = {}
   for layout in ("model", "data"):
     mesh = Mesh(devices, (layout,))
     specs = MODEL_SPECS if layout == "model" else {k: None for k in host}
@@ -157,8 +151,7 @@ def layouts(devices):
           # Which blocks of w1 this process holds: its devices' columns, or the whole leaf.
           "w1_local_shapes": [list(s.data.shape) for s in params["w1"].addressable_shards],
           "hypergradient": floats(got),
-          "hypergradient_error": relative_error(got, references[name]),
-          "float64_error": relative_error(got, float64[name]),
+          **float32_errors(got, float64[name], [references[name]]),
       }
       if (layout, name) == ("data", "adamw"):
         continue  # replicated weights: nothing that the other three round trips do not show

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import revhyper
 from background import Job
+from sharding_checks import assert_within_float32_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "sharding_checks.py")
@@ -104,23 +105,7 @@ def test_model_parallel_round_trip_is_exact_and_stores_the_bound(checks):
 @pytest.mark.parametrize("mode", ["model", "data"])
 def test_sharded_hypergradient_agrees_with_one_device(checks, mode):
   # With the in-pass reversal check: a reverse loop that missed a bit gives NaN here.
-  assert_as_accurate_as_one_device(checks[mode])
-
-
-def assert_as_accurate_as_one_device(result):
-  """The sharded float32 hypergradient is as close to float64 unroll as float32 gets.
-
-  The sharded reductions add partial sums in another order than one device, and each float32
-  run's error is a draw of rounding that moves with the order and the CPU's vector
-  instructions: one device's reversible and unroll runs of these problems measured 1.7e-7 to
-  9.3e-6 from float64, and a sharded and a one-device AdamW run 2.6e-6 apart on an AVX-512
-  Xeon. So the bound is four times the larger error of one device's two runs, and at least
-  5e-6 (about 40 float32 epsilons); a reverse pass that missed a bit fails the in-pass check
-  (NaN), and a wrong gradient is off by far more. The two runs' agreement is a coarse check.
-  """
-  bound = max(4 * max(result["one_device_float64_errors"]), 5e-6)
-  assert result["float64_error"] <= bound, result
-  assert result["hypergradient_error"] <= 1e-5, result
+  assert_within_float32_error(checks[mode])
 
 
 @pytest.mark.slow
@@ -137,7 +122,7 @@ def test_other_optimizers_reverse_exactly_and_agree_with_one_device(checks, opti
   # laid out per device, and the hypergradient's in-pass check passes.
   result = checks["model"]["optimizers"][optimizer]
   assert result["round_trip_exact"] and result["round_trip_rebuilt"]
-  assert_as_accurate_as_one_device(result)
+  assert_within_float32_error(result)
 
 
 @pytest.mark.slow
